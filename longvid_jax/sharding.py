@@ -97,14 +97,22 @@ def logical_to_spec(logical_axes: Sequence[str | None], rules) -> PartitionSpec:
 def tree_shardings(boxed_tree: Any, mesh: Mesh, rules) -> Any:
     """`NamedSharding`s for a tree of `nn.LogicallyPartitioned` (or plain) leaves.
 
-    Plain leaves (no logical names) are replicated. Works on abstract trees from
-    `jax.eval_shape`, so shardings are known before anything is allocated.
+    Plain leaves (no logical names) are replicated, and so is any dimension whose size the
+    mesh axes do not divide (e.g. a 151646-token vocabulary over 4 tensor shards). Works on
+    abstract trees from `jax.eval_shape`, so shardings are known before anything is allocated.
     """
 
     def one(leaf):
-        if isinstance(leaf, nn.LogicallyPartitioned):
-            return NamedSharding(mesh, logical_to_spec(leaf.names, rules))
-        return NamedSharding(mesh, PartitionSpec())
+        if not isinstance(leaf, nn.LogicallyPartitioned):
+            return NamedSharding(mesh, PartitionSpec())
+        spec = logical_to_spec(leaf.names, rules)
+        shape = leaf.value.shape
+        fixed = []
+        for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+            names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+            n = int(np.prod([mesh.shape[a] for a in names])) if names else 1
+            fixed.append(axes if dim % n == 0 else None)  # uneven dims stay replicated
+        return NamedSharding(mesh, PartitionSpec(*fixed))
 
     return jax.tree.map(one, boxed_tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
 

@@ -1,0 +1,116 @@
+r"""TDC: temporal dynamic context video LLM (Hoar012/TDC-Video), trained on video with sound.
+
+Demo (a tiny TDC-shaped model on the bundled clips in data/samples/, minutes on a laptop CPU):
+
+    python -m longvid_jax.train --config=configs/tdc.py --workdir=runs/tdc_demo
+
+Real sizes (Qwen2-7B or Llama-3.2-3B + SigLIP-so400m + Whisper-large-v3 audio + BERT-base
+Q-Former), your own data:
+
+    python -m longvid_jax.train --config=configs/tdc.py:size=full,llm=qwen2_7b \
+        --config.input.annotations=/data/tdc_stage2.jsonl --config.input.video_root=/data/videos \
+        --workdir=/ckpt/tdc
+
+Arguments after ':' (comma separated): size=demo|full, llm=qwen2_7b|llama3_2_3b (full only).
+Any field can be overridden with --config.<path>=<value>.
+"""
+
+import os
+
+import ml_collections
+
+from longvid_jax.config_arg import parse_arg
+
+_SAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "data", "samples")
+_QWEN_VOCAB = 151646  # BPE ranks + <|endoftext|>, <|im_start|>, <|im_end|>
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """Returns the TDC training config; see the module docstring for the arguments."""
+    arg = parse_arg(arg, size="demo", llm="qwen2_7b")
+    if arg.size not in ("demo", "full"):
+        raise ValueError(f"size must be demo or full, got {arg.size!r}")
+    if arg.llm not in ("qwen2_7b", "llama3_2_3b"):
+        raise ValueError(f"llm must be qwen2_7b or llama3_2_3b, got {arg.llm!r}")
+    demo = arg.size == "demo"
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.total_steps = 120 if demo else 10_000
+    c.log_every = 5 if demo else 20
+    c.ckpt_every = 40 if demo else 500
+    c.keep_ckpts = 2
+    c.max_skipped_fraction = 0.5  # abort if more than this fraction of records are unreadable
+
+    # Model. Sub-dicts hold the fields of the module configs (longvid_jax/models/*.py), which
+    # own the defaults; `variant` picks a named size.
+    c.model = ml_collections.ConfigDict()
+    if demo:
+        c.model.llm = dict(variant="tiny", vocab_size=_QWEN_VOCAB, tie_embeddings=True)
+        c.model.vision = dict(variant="tiny")
+        c.model.vision_pool = None
+        c.model.audio = dict(variant="tiny")
+        c.model.audio_tokens_per_second = 5
+        c.model.qformer = dict(variant="tiny", vocab_size=_QWEN_VOCAB)
+        c.model.compressor = dict(num_tokens=4, chunk_size=8, text_input=True)
+    else:
+        c.model.llm = dict(variant=arg.llm, dtype="bfloat16")
+        c.model.vision = dict(variant="so400m_14_384", post_ln=False, dtype="bfloat16")
+        c.model.vision_pool = (12, 12)
+        c.model.audio = dict(variant="large_v3", dtype="bfloat16")
+        c.model.audio_tokens_per_second = 50
+        c.model.qformer = dict(variant="bert_base", dtype="bfloat16")
+        c.model.compressor = dict(num_tokens=16, chunk_size=8, text_input=True)
+
+    # Input pipeline (longvid_jax/input/pipeline.py).
+    c.input = ml_collections.ConfigDict()
+    c.input.annotations = os.path.join(_SAMPLES, "train.jsonl")
+    c.input.video_root = ml_collections.FieldReference(None, field_type=str)
+    c.input.fps = 1.0
+    c.input.max_frames = 16 if demo else 128
+    c.input.image_size = 32 if demo else 384
+    c.input.image_mean = (0.5, 0.5, 0.5)  # SigLIP
+    c.input.image_std = (0.5, 0.5, 0.5)
+    c.input.num_mel_bins = 16 if demo else 128
+    c.input.tokenizer = "qwen2"  # or a local HF checkpoint folder holding the tokenizer
+    c.input.template = "chatml"
+    c.input.system = "You are a helpful assistant."
+    c.input.length_buckets = (256, 512) if demo else (2048, 4096, 8192)
+    c.input.qformer_text_len = 32 if demo else 256
+    c.input.batch_size = 2 if demo else 8
+    c.input.num_workers = 2 if demo else 8
+    c.input.shuffle = True
+    c.input.seed = 0
+
+    # Optimizer (TDC: AdamW, cosine, warmup ratio 0.03, weight decay 0; towers frozen).
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 2e-3 if demo else (5e-6 if arg.llm == "qwen2_7b" else 2e-5)
+    c.optim.warmup_ratio = 0.03
+    c.optim.min_lr_ratio = 0.0
+    c.optim.weight_decay = 0.0
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.grad_clip_norm = 1.0
+    c.optim.frozen = ("vision_tower/.*", "audio_encoder/.*")
+
+    # Mesh and logical -> mesh axis rules (longvid_jax/sharding.py).
+    c.mesh = [("data", -1), ("fsdp", 1), ("tensor", 1)]
+    c.sharding_rules = [
+        ("act_batch", ("data", "fsdp")),
+        ("act_len", None),
+        ("act_embed", None),
+        ("act_heads", "tensor"),
+        ("act_kv_heads", "tensor"),
+        ("act_vocab", "tensor"),
+        ("embed", "fsdp"),
+        ("mlp", "tensor"),
+        ("heads", "tensor"),
+        ("kv_heads", "tensor"),
+        ("vocab", "tensor"),
+        ("head_dim", None),
+        ("layers", None),
+        ("norm", None),
+        ("conv", None),
+    ]
+    return c

@@ -1,0 +1,288 @@
+r"""The trainer: `python -m longvid_jax.train --config=configs/tdc.py [--workdir=DIR] [--config.x=y]`.
+
+One trainer for every system and stage; what differs is config. Sections, in order: logging,
+mesh, model, input, shape-first init and shardings, update step, checkpoint restore, loop.
+
+Outputs under the workdir (default `runs/<config file name>`):
+  checkpoints/<step>/   params, optimizer state, step and data-iterator state (orbax)
+  metrics.jsonl         one JSON object per logged step (loss, lr, tokens/s, skipped records, ...)
+  config.json           the resolved config of the run
+A run whose workdir already holds a checkpoint resumes from the latest one, at the same step and
+data position.
+"""
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import app, flags, logging
+from ml_collections import config_flags
+from tqdm import tqdm
+
+from longvid_jax import checkpoints, losses, optim, sharding
+from longvid_jax.input import pipeline
+from longvid_jax.models import video_llm
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (default runs/<config name>).")
+
+
+def example_batch(model_cfg: video_llm.VideoLLMConfig, input_cfg, *, batch: int = 1,
+                  text_len: int = 8) -> dict[str, np.ndarray]:
+    """A zero batch with the shapes the pipeline produces (for `init` and `eval_shape`)."""
+    f, s = input_cfg.max_frames, input_cfg.image_size
+    out = {
+        "frames": np.zeros((batch, f, s, s, 3), np.float32),
+        "frame_mask": np.ones((batch, f), bool),
+        "timestamps": np.zeros((batch, f), np.float32),
+        "audio_mel": np.zeros((batch, f, input_cfg.num_mel_bins,
+                               video_llm.MEL_FRAMES_PER_SECOND), np.float32),
+        "audio_mask": np.ones((batch, f), bool),
+        "input_ids": np.zeros((batch, text_len), np.int32),
+        "loss_mask": np.zeros((batch, text_len), bool),
+        "segment_ids": np.ones((batch, text_len), np.int32),
+        "positions": np.broadcast_to(np.arange(text_len, dtype=np.int32), (batch, text_len)),
+    }
+    if input_cfg.qformer_text_len:
+        out["qformer_text_ids"] = np.zeros((batch, input_cfg.qformer_text_len), np.int32)
+        out["qformer_text_mask"] = np.ones((batch, input_cfg.qformer_text_len), bool)
+    return out
+
+
+@dataclasses.dataclass
+class Trainer:
+    """Everything built from a config: mesh, model, optimizer, shardings and compiled functions.
+
+    Built once per run by `Trainer.create`; `train_step` is jitted with explicit in/out
+    shardings over the mesh (one device is a mesh too).
+    """
+
+    config: ml_collections.ConfigDict
+    mesh: jax.sharding.Mesh
+    rules: tuple
+    model_cfg: video_llm.VideoLLMConfig
+    model: video_llm.VideoLLM
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    state_shardings: Any
+    abstract_state: Any
+
+    @classmethod
+    def create(cls, config, devices=None) -> "Trainer":
+        mesh = sharding.make_mesh(config.mesh, devices)
+        rules = sharding.check_rules(config.sharding_rules, mesh)
+        model_cfg = video_llm.make_config(config.model)
+        model = video_llm.VideoLLM(model_cfg)
+        dummy = example_batch(model_cfg, config.input)
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            boxed = jax.eval_shape(lambda r: model.init(r, dummy)["params"], jax.random.key(0))
+        param_sh = sharding.tree_shardings(boxed, mesh, rules)
+        abstract_params = nn.unbox(boxed)
+        tx, schedule = optim.make_optimizer(config.optim, abstract_params, config.total_steps)
+        abstract_opt = jax.eval_shape(tx.init, abstract_params)
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_sh,
+                                       transform_non_params=lambda _: replicated)
+        state_sh = {"params": param_sh, "opt_state": opt_sh, "step": replicated}
+        abstract_state = {"params": abstract_params, "opt_state": abstract_opt,
+                          "step": jax.ShapeDtypeStruct((), jnp.int32)}
+        return cls(config, mesh, rules, model_cfg, model, tx, schedule, state_sh,
+                   abstract_state)
+
+    def init_state(self, seed: int) -> dict:
+        """Initial train state, created directly in its shardings (never whole on one device)."""
+        dummy = example_batch(self.model_cfg, self.config.input)
+
+        def init(rng):
+            params = nn.unbox(self.model.init(rng, dummy)["params"])
+            return {"params": params, "opt_state": self.tx.init(params),
+                    "step": jnp.zeros((), jnp.int32)}
+
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            return jax.jit(init, out_shardings=self.state_shardings)(jax.random.key(seed))
+
+    def loss_fn(self, params, batch):
+        """Mean next-token loss over target tokens, and (nll sum, target count)."""
+
+        def forward(module, b):
+            hidden, _ = module(b)
+            return module.logits(hidden)
+
+        logits = self.model.apply({"params": params}, batch, method=forward)
+        targets, weights = losses.next_token_targets(batch["input_ids"], batch["loss_mask"],
+                                                     batch["segment_ids"])
+        nll, count = losses.lm_loss(logits, targets, weights)
+        return nll / jnp.maximum(count, 1.0), (nll, count)
+
+    @functools.cached_property
+    def train_step(self):
+        """Jitted `(state, batch) -> (state, metrics)`; the state buffers are donated."""
+
+        def step(state, batch):
+            grad_fn = jax.value_and_grad(self.loss_fn, has_aux=True)
+            (loss, (_, count)), grads = grad_fn(state["params"], batch)
+            updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+            params = optax.apply_updates(state["params"], updates)
+            metrics = {"loss": loss, "target_tokens": count,
+                       "grad_norm": optax.global_norm(grads),
+                       "lr": self.schedule(state["step"])}
+            return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+
+        jitted = jax.jit(step, out_shardings=(self.state_shardings, None), donate_argnums=0)
+
+        def run(state, batch):
+            with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+                return jitted(state, batch)
+
+        return run
+
+    def device_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """Host batch (this process's rows) -> global arrays sharded over the batch axes."""
+        return {k: jax.make_array_from_process_local_data(
+                    sharding.batch_sharding(self.mesh, np.ndim(v)), np.asarray(v))
+                for k, v in batch.items()}
+
+
+def check_placeholders(batch: dict[str, np.ndarray], model_cfg) -> None:
+    """Host-side check that every row has as many video placeholders as video tokens.
+
+    Raises:
+      ValueError: a mismatch (a pipeline bug: the splice would misplace tokens).
+    """
+    have = (batch["input_ids"] == video_llm.VIDEO_TOKEN_INDEX).sum(axis=1)
+    frames = batch["frame_mask"].sum(axis=1)
+    want = np.array([video_llm.num_video_tokens(model_cfg, int(f)) for f in frames])
+    if not np.array_equal(have, want):
+        raise ValueError(f"video placeholders per row {have.tolist()} != video tokens "
+                         f"{want.tolist()} for {frames.tolist()} frames")
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None = None,
+        devices=None) -> dict:
+    """Trains (or resumes) according to `config`, writing into `workdir`.
+
+    Args:
+      config: a config from `configs/*.py`.
+      workdir: output folder (created if missing); an existing checkpoint there is resumed.
+      stop_at: stop after this step (a checkpoint is saved there), as if interrupted; the run
+        resumes to `config.total_steps` next time. None trains to the end.
+      devices: devices of the mesh (default all).
+
+    Returns:
+      The final train state (params, opt_state, step) as global arrays.
+
+    Raises:
+      FloatingPointError: the loss became NaN or infinite.
+      RuntimeError: too many unreadable records (`config.max_skipped_fraction`).
+    """
+    # --- Logging.
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+    logging.info("workdir %s; devices %s", workdir, jax.devices())
+
+    # --- Mesh, model, optimizer, shardings.
+    trainer = Trainer.create(config, devices)
+    logging.info("mesh %s", dict(trainer.mesh.shape))
+    if config.input.batch_size % sharding.batch_size_divisor(trainer.mesh):
+        raise ValueError(f"input.batch_size={config.input.batch_size} is not divisible by the "
+                         f"{sharding.batch_size_divisor(trainer.mesh)} batch shards of the mesh")
+    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(trainer.abstract_state["params"]))
+    logging.info("model: %.2fM parameters", n_params / 1e6)
+
+    # --- Input.
+    data_it = pipeline.make_iterator(
+        config.input,
+        num_video_tokens=functools.partial(video_llm.num_video_tokens, trainer.model_cfg),
+        process_index=jax.process_index(), process_count=jax.process_count())
+
+    # --- Checkpoint restore, or init.
+    ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                    max_to_keep=config.keep_ckpts)
+    latest = ckpt.latest_step()
+    if latest is not None:
+        target = checkpoints.abstract_with_shardings(trainer.abstract_state,
+                                                     trainer.state_shardings)
+        state, data_state = ckpt.restore(latest, target)
+        if data_state:
+            data_it.set_state(data_state)
+        logging.info("resumed from %s at step %d", ckpt.directory, latest)
+    else:
+        state = trainer.init_state(config.seed)
+    step = int(jax.device_get(state["step"]))
+    last = config.total_steps if stop_at is None else min(stop_at, config.total_steps)
+
+    # --- Loop.
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    skipped_total, records_total = 0, 0
+    bar = tqdm(total=last, initial=step, desc="train", dynamic_ncols=True,
+               disable=jax.process_index() != 0)
+    t_last, step_last = time.perf_counter(), step
+    while step < last:
+        host_batch = next(data_it)
+        skipped = int(host_batch.pop("num_skipped", 0))
+        skipped_total += skipped
+        records_total += skipped + host_batch["input_ids"].shape[0]
+        if skipped_total > config.max_skipped_fraction * max(records_total, 8):
+            raise RuntimeError(f"{skipped_total} of {records_total} records were unreadable "
+                               f"(see the warnings above); check config.input.annotations")
+        check_placeholders(host_batch, trainer.model_cfg)
+        real_tokens = int((host_batch["segment_ids"] > 0).sum())
+        state, metrics = trainer.train_step(state, trainer.device_batch(host_batch))
+        step += 1
+        if step % config.log_every == 0 or step == last or step == 1:
+            metrics = jax.device_get(metrics)
+            now = time.perf_counter()
+            dt = (now - t_last) / (step - step_last)
+            t_last, step_last = now, step
+            loss = float(metrics["loss"])
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss} at step {step}")
+            record = {"step": step, "loss": loss, "lr": float(metrics["lr"]),
+                      "grad_norm": float(metrics["grad_norm"]),
+                      "target_tokens": int(metrics["target_tokens"]),
+                      "tokens_per_s": real_tokens * jax.process_count() / dt,
+                      "step_time_s": dt, "skipped_records": skipped_total}
+            if jax.process_index() == 0:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                            step_s=f"{dt:.2f}", skipped=skipped_total)
+            bar.update(step - bar.n)
+        if step % config.ckpt_every == 0 or step == last:
+            ckpt.save(step, state, data_it.get_state(), force=step == last)
+    bar.update(step - bar.n)
+    bar.close()
+    ckpt.close()
+    if skipped_total:
+        logging.warning("skipped %d unreadable records out of %d", skipped_total, records_total)
+    return state
+
+
+def main(argv):
+    del argv
+    config = _CONFIG.value
+    if config is None:
+        raise app.UsageError("--config is required, e.g. --config=configs/tdc.py")
+    workdir = _WORKDIR.value
+    if workdir is None:
+        name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
+        workdir = os.path.join("runs", name)
+    logging.set_verbosity(logging.INFO)
+    run(config, workdir)
+
+
+if __name__ == "__main__":
+    app.run(main)
