@@ -229,7 +229,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None 
     skipped_total, records_total = 0, 0
     bar = tqdm(total=last, initial=step, desc="train", dynamic_ncols=True,
                disable=jax.process_index() != 0)
-    t_last, step_last = time.perf_counter(), step
+    t_last, step_last, tokens_since = time.perf_counter(), step, 0
     while step < last:
         host_batch = next(data_it)
         skipped = int(host_batch.pop("num_skipped", 0))
@@ -239,21 +239,22 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None 
             raise RuntimeError(f"{skipped_total} of {records_total} records were unreadable "
                                f"(see the warnings above); check config.input.annotations")
         check_placeholders(host_batch, trainer.model_cfg)
-        real_tokens = int((host_batch["segment_ids"] > 0).sum())
+        tokens_since += int((host_batch["segment_ids"] > 0).sum()) * jax.process_count()
         state, metrics = trainer.train_step(state, trainer.device_batch(host_batch))
         step += 1
         if step % config.log_every == 0 or step == last or step == 1:
             metrics = jax.device_get(metrics)
             now = time.perf_counter()
             dt = (now - t_last) / (step - step_last)
-            t_last, step_last = now, step
+            tokens_per_s = tokens_since / (now - t_last)
+            t_last, step_last, tokens_since = now, step, 0
             loss = float(metrics["loss"])
             if not math.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss} at step {step}")
             record = {"step": step, "loss": loss, "lr": float(metrics["lr"]),
                       "grad_norm": float(metrics["grad_norm"]),
                       "target_tokens": int(metrics["target_tokens"]),
-                      "tokens_per_s": real_tokens * jax.process_count() / dt,
+                      "tokens_per_s": tokens_per_s,
                       "step_time_s": dt, "skipped_records": skipped_total}
             if jax.process_index() == 0:
                 with open(metrics_path, "a") as f:
