@@ -1,0 +1,68 @@
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from longvid_jax import losses, optim
+from longvid_jax.config_arg import parse_arg
+
+
+def _optim_cfg(**kw):
+    base = dict(lr=1e-2, warmup_ratio=0.1, min_lr_ratio=0.1, weight_decay=0.0, b1=0.9,
+                b2=0.999, eps=1e-8, grad_clip_norm=1.0, frozen=("vision_tower/.*",))
+    base.update(kw)
+    return ml_collections.ConfigDict(base)
+
+
+def test_schedule_warmup_then_cosine():
+    sched = optim.make_schedule(_optim_cfg(), 100)
+    assert float(sched(0)) == 0.0
+    assert float(sched(10)) == pytest.approx(1e-2)
+    assert float(sched(100)) == pytest.approx(1e-3)
+    assert float(sched(55)) == pytest.approx(1e-3 + 0.5 * 9e-3, rel=1e-3)
+
+
+def test_frozen_parameters_never_move_and_have_no_state():
+    rng = np.random.default_rng(0)
+    params = {"vision_tower": {"w": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)},
+              "llm": {"w": jnp.asarray(rng.normal(size=(4, 2)), jnp.float32)}}
+    tx, _ = optim.make_optimizer(_optim_cfg(), params, 100)
+    state = tx.init(params)
+    for _ in range(20):
+        grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
+        updates, state = tx.update(grads, state, params)
+        params2 = jax.tree.map(lambda p, u: p + u, params, updates)
+    np.testing.assert_array_equal(params2["vision_tower"]["w"], params["vision_tower"]["w"])
+    assert not np.allclose(params2["llm"]["w"], params["llm"]["w"])
+    n_state = sum(x.size for x in jax.tree.leaves(state))
+    assert n_state < 3 * 8 + 10  # Adam moments for llm/w only (+ counters)
+
+
+def test_everything_frozen_is_an_error():
+    params = {"vision_tower": {"w": jnp.ones((2,))}}
+    with pytest.raises(ValueError, match="every parameter"):
+        optim.make_optimizer(_optim_cfg(), params, 10)
+
+
+def test_next_token_targets_and_loss():
+    ids = jnp.array([[5, -200, -200, 7, 8, 9, 0, 0]])
+    mask = jnp.array([[0, 0, 0, 0, 1, 1, 0, 0]], bool)
+    seg = jnp.array([[1, 1, 1, 1, 1, 1, 0, 0]])
+    targets, w = losses.next_token_targets(ids, mask, seg)
+    np.testing.assert_array_equal(w[0], [0, 0, 0, 1, 1, 0, 0, 0])
+    np.testing.assert_array_equal(targets[0, 3:5], [8, 9])
+    logits = jax.random.normal(jax.random.key(0), (1, 8, 11))
+    nll, count = losses.lm_loss(logits, targets, w)
+    logp = jax.nn.log_softmax(logits[0])
+    assert float(count) == 2
+    assert float(nll) == pytest.approx(-float(logp[3, 8] + logp[4, 9]), rel=1e-6)
+
+
+def test_parse_arg():
+    a = parse_arg("size=full,llm=llama3_2_3b,debug", size="demo", llm="qwen2_7b", debug=False,
+                  steps=3)
+    assert (a.size, a.llm, a.debug, a.steps) == ("full", "llama3_2_3b", True, 3)
+    assert parse_arg("steps=7", steps=3).steps == 7
+    with pytest.raises(ValueError, match="unknown config argument"):
+        parse_arg("nope=1", size="demo")
