@@ -1,0 +1,555 @@
+"""Decoder-only LLM: the Qwen2 and Llama families as one module, their differences as config fields.
+
+Follows `transformers` `Qwen2ForCausalLM` (models/qwen2/modeling_qwen2.py) and `LlamaForCausalLM`
+(models/llama/modeling_llama.py): pre-norm blocks of grouped-query self-attention with
+rotate-half RoPE and a SwiGLU MLP, RMSNorm, optional q/k/v biases (Qwen2), optional tied
+embeddings (Qwen2-0.5B, Llama-3.2) and the llama3 RoPE frequency scaling (Llama 3.1+,
+`_compute_llama3_parameters` in transformers' modeling_rope_utils.py).
+
+Parameter tree (unscanned; `scan_layers=True` replaces `layers_{i}` by one `layers` subtree whose
+leaves carry a leading L axis, see `stack_layer_params`):
+
+  embed_tokens/embedding                     (V, D)
+  layers_{i}/input_layernorm/scale           (D,)
+  layers_{i}/self_attn/q_proj/kernel, bias   (D, N, H), (N, H)   bias only with qkv_bias
+  layers_{i}/self_attn/k_proj/kernel, bias   (D, K, H), (K, H)
+  layers_{i}/self_attn/v_proj/kernel, bias   (D, K, H), (K, H)
+  layers_{i}/self_attn/o_proj/kernel         (N, H, D)
+  layers_{i}/post_attention_layernorm/scale  (D,)
+  layers_{i}/mlp/{gate_proj,up_proj}/kernel  (D, M)
+  layers_{i}/mlp/down_proj/kernel            (M, D)
+  norm/scale                                 (D,)
+  lm_head/kernel                             (D, V)              absent with tie_embeddings
+
+Module names follow the HF ones so LoRA targets and freezing regexes carry over.
+`convert/decoder_keys.py` maps HF state dicts to this tree and back.
+"""
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int
+
+from longvid_jax.models import (
+    ACT_BATCH,
+    ACT_BTD,
+    ACT_HEADS,
+    ACT_KV_HEADS,
+    ACT_LEN,
+    ACT_VOCAB,
+    EMBED,
+    HEAD_DIM,
+    HEADS,
+    KV_HEADS,
+    LAYERS,
+    MLP,
+    VOCAB,
+)
+from longvid_jax.models.attention import dot_product_attention, make_attention_mask
+from longvid_jax.models.layers import Einsum, RMSNorm, activation, fan_in_init
+
+_LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor",
+                "original_max_position_embeddings")
+_REMAT_POLICIES = ("none", "full", "dots")
+_ATTENTION_IMPLS = ("xla", "cudnn")
+
+
+def _canonical_rope_scaling(value: Any) -> tuple | None:
+    """Normalises llama3 RoPE scaling to `(("factor", f), ("low_freq_factor", l), ...)` items.
+
+    Accepts None, a mapping (HF `rope_scaling` / `rope_parameters`, optionally with
+    `rope_type="llama3"`), a tuple of `(name, value)` items, or a tuple of the four numbers in
+    `_LLAMA3_KEYS` order.
+
+    Raises:
+      ValueError: for another rope type, missing or unknown keys, or a malformed value.
+    """
+    if value is None:
+        return None
+    if isinstance(value, Mapping):
+        items = dict(value)
+    elif (isinstance(value, (tuple, list)) and value
+          and all(isinstance(v, (tuple, list)) and len(v) == 2 for v in value)):
+        items = dict(value)
+    elif isinstance(value, (tuple, list)) and len(value) == len(_LLAMA3_KEYS):
+        items = dict(zip(_LLAMA3_KEYS, value))
+    else:
+        raise ValueError(f"rope_scaling must be None, a mapping or llama3 items, got {value!r}")
+    rope_type = items.pop("rope_type", items.pop("type", "llama3"))
+    items.pop("rope_theta", None)  # HF `rope_parameters` also carries the base
+    if rope_type != "llama3":
+        raise ValueError(f"unsupported rope scaling type {rope_type!r}; only 'llama3' is")
+    if set(items) != set(_LLAMA3_KEYS):
+        raise ValueError(f"llama3 rope_scaling needs exactly {_LLAMA3_KEYS}, got {sorted(items)}")
+    return (("factor", float(items["factor"])),
+            ("low_freq_factor", float(items["low_freq_factor"])),
+            ("high_freq_factor", float(items["high_freq_factor"])),
+            ("original_max_position_embeddings",
+             int(items["original_max_position_embeddings"])))
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+    """Sizes and switches of a Qwen2 / Llama decoder (see `VARIANTS` for the named sizes).
+
+    Attributes:
+      vocab_size: V.
+      hidden_size: D.
+      num_layers: L.
+      num_heads: N query heads.
+      num_kv_heads: K key / value heads (N % K == 0; K == N is plain multi-head attention).
+      head_dim: H (even).
+      mlp_dim: M, SwiGLU hidden width (HF `intermediate_size`).
+      rope_theta: RoPE base (Qwen2 1e6, Llama-3.2 5e5, Llama-2 1e4).
+      rope_scaling: llama3 frequency scaling as hashable items
+        `(("factor", 32.0), ("low_freq_factor", 1.0), ("high_freq_factor", 4.0),
+        ("original_max_position_embeddings", 8192))`; a dict or the four bare numbers are
+        normalised to that form. None = plain RoPE.
+      rms_eps: RMSNorm epsilon (Qwen2 1e-6, Llama 1e-5).
+      qkv_bias: biases on the q / k / v projections (Qwen2).
+      tie_embeddings: logits use the token embedding instead of a separate `lm_head`.
+      dtype: compute dtype (name or jnp dtype); norms, RoPE, softmax and logits stay float32.
+      param_dtype: storage dtype of the weights.
+      scan_layers: run the layers with `nn.scan` (parameters stacked on a leading L axis).
+      remat_policy: "none", "full" (save nothing per layer) or "dots" (save the projection
+        matmuls, `jax.checkpoint_policies.dots_with_no_batch_dims_saveable`, recompute the rest,
+        attention logits included).
+      attention_impl: backend of `attention.dot_product_attention` ("xla" or "cudnn").
+    """
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    mlp_dim: int
+    rope_theta: float = 1e6
+    rope_scaling: tuple | None = None
+    rms_eps: float = 1e-6
+    qkv_bias: bool = False
+    tie_embeddings: bool = False
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    scan_layers: bool = False
+    remat_policy: str = "none"
+    attention_impl: str = "xla"
+
+    def __post_init__(self):
+        object.__setattr__(self, "rope_scaling", _canonical_rope_scaling(self.rope_scaling))
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                     "head_dim", "mlp_dim"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads "
+                             f"{self.num_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if self.remat_policy not in _REMAT_POLICIES:
+            raise ValueError(f"remat_policy {self.remat_policy!r} not in {_REMAT_POLICIES}")
+        if self.attention_impl not in _ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl {self.attention_impl!r} not in {_ATTENTION_IMPLS}")
+        for name in ("dtype", "param_dtype"):
+            try:
+                jnp.dtype(getattr(self, name))
+            except TypeError:
+                raise ValueError(f"{name} {getattr(self, name)!r} is not a dtype") from None
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        """`dtype` as a jnp dtype."""
+        return jnp.dtype(self.dtype)
+
+    @property
+    def weight_dtype(self) -> jnp.dtype:
+        """`param_dtype` as a jnp dtype."""
+        return jnp.dtype(self.param_dtype)
+
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    # Qwen/Qwen2-7B(-Instruct): TDC-7B, LongVA, LLaVA-Video, LLaVA-OV (MMDuet), TPO.
+    "qwen2_7b": dict(vocab_size=152064, hidden_size=3584, num_layers=28, num_heads=28,
+                     num_kv_heads=4, head_dim=128, mlp_dim=18944, rope_theta=1e6, rms_eps=1e-6,
+                     qkv_bias=True, tie_embeddings=False),
+    # Qwen/Qwen2-0.5B(-Instruct).
+    "qwen2_0_5b": dict(vocab_size=151936, hidden_size=896, num_layers=24, num_heads=14,
+                       num_kv_heads=2, head_dim=64, mlp_dim=4864, rope_theta=1e6, rms_eps=1e-6,
+                       qkv_bias=True, tie_embeddings=True),
+    # meta-llama/Llama-3.2-3B-Instruct: TDC-3B.
+    "llama3_2_3b": dict(vocab_size=128256, hidden_size=3072, num_layers=28, num_heads=24,
+                        num_kv_heads=8, head_dim=128, mlp_dim=8192, rope_theta=5e5,
+                        rope_scaling=(32.0, 1.0, 4.0, 8192), rms_eps=1e-5, qkv_bias=False,
+                        tie_embeddings=True),
+    # meta-llama/Llama-2-7b-chat-hf (TimeChat) and lmsys/vicuna-7b-v1.5 (LongVALE).
+    "llama2_7b": dict(vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32,
+                      num_kv_heads=32, head_dim=128, mlp_dim=11008, rope_theta=1e4,
+                      rms_eps=1e-5, qkv_bias=False, tie_embeddings=False),
+    # Tests and `runlocal` configs: Qwen2-like (q/k/v bias, GQA).
+    "tiny": dict(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                 head_dim=16, mlp_dim=128, qkv_bias=True),
+}
+
+
+def make_config(variant: str | None = None, **overrides: Any) -> DecoderConfig:
+    """Builds a `DecoderConfig` from a named variant plus field overrides.
+
+    Args:
+      variant: a key of `VARIANTS`, or None to give every required field in `overrides`.
+      **overrides: `DecoderConfig` fields.
+
+    Raises:
+      ValueError: for an unknown variant or field, a missing required field or an invalid value.
+    """
+    names = {f.name for f in dataclasses.fields(DecoderConfig)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise ValueError(f"unknown DecoderConfig field(s) {unknown}; known: {sorted(names)}")
+    if variant is None:
+        kw: dict[str, Any] = {}
+    elif variant in VARIANTS:
+        kw = dict(VARIANTS[variant])
+    else:
+        raise ValueError(f"unknown decoder variant {variant!r}; known: {sorted(VARIANTS)}")
+    kw.update(overrides)
+    missing = sorted(f.name for f in dataclasses.fields(DecoderConfig)
+                     if f.default is dataclasses.MISSING and f.name not in kw)
+    if missing:
+        raise ValueError(f"DecoderConfig field(s) {missing} not given (variant={variant!r})")
+    return DecoderConfig(**kw)
+
+
+def from_dict(d: Mapping[str, Any]) -> DecoderConfig:
+    """`make_config` from a dict / ConfigDict that may hold a `variant` key."""
+    d = dict(d)
+    return make_config(d.pop("variant", None), **d)
+
+
+# ----------------------------------------------------------------------------------------------
+# RoPE (rotate-half convention, as transformers; HF q/k weights need no permutation).
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: tuple | None = None) -> np.ndarray:
+    """Inverse RoPE frequencies `float32[H // 2]`, optionally with llama3 scaling.
+
+    Computed in float32 NumPy in the order of operations of transformers
+    (`compute_default_rope_parameters`, `_compute_llama3_parameters`), so the frequencies
+    match HF's `inv_freq` buffers to within one float32 ulp.
+
+    Args:
+      head_dim: H.
+      theta: RoPE base.
+      scaling: llama3 items (see `DecoderConfig.rope_scaling`) or None.
+    """
+    exps = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    # The power rounded once from float64 (torch's float32 pow is within 1 ulp of it).
+    powers = (np.float64(theta) ** exps.astype(np.float64)).astype(np.float32)
+    inv = (np.float32(1.0) / powers).astype(np.float32)
+    scaling = _canonical_rope_scaling(scaling)
+    if scaling is None:
+        return inv
+    s = dict(scaling)
+    factor = np.float32(s["factor"])
+    low, high = np.float32(s["low_freq_factor"]), np.float32(s["high_freq_factor"])
+    orig = np.float32(s["original_max_position_embeddings"])
+    low_freq_wavelen, high_freq_wavelen = orig / low, orig / high
+    wavelen = np.float32(2 * math.pi) / inv
+    inv_scaled = np.where(wavelen > low_freq_wavelen, inv / factor, inv)
+    smooth = (orig / wavelen - low) / (high - low)
+    smoothed = (np.float32(1) - smooth) * inv_scaled / factor + smooth * inv_scaled
+    medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+    return np.where(medium, smoothed, inv_scaled).astype(np.float32)
+
+
+def rope_cos_sin(positions: Int[Array, "B T"], inv_freq: np.ndarray | jax.Array
+                 ) -> tuple[Float[Array, "B T H"], Float[Array, "B T H"]]:
+    """cos / sin tables `float32[B, T, H]` for integer positions (frequencies repeated twice)."""
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: Float[Array, "B T N H"], cos: Float[Array, "B T H"],
+               sin: Float[Array, "B T H"]) -> Float[Array, "B T N H"]:
+    """Rotate-half RoPE `x * cos + rotate_half(x) * sin`, in float32, returned in x's dtype."""
+    x32 = x.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    out = x32 * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    return out.astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Modules.
+
+
+class Embedder(nn.Module):
+    """Token embedding `(V, D)`; also the tied output head.
+
+    Follows `nn.Embedding` `embed_tokens` and, with tied weights, `lm_head` of HF.
+    """
+
+    config: DecoderConfig
+
+    def setup(self):
+        cfg = self.config
+        self.embedding = self.param(
+            "embedding", nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                      (VOCAB, EMBED)),
+            (cfg.vocab_size, cfg.hidden_size), cfg.weight_dtype)
+
+    def __call__(self, tokens: Int[Array, "B T"]) -> Float[Array, "B T D"]:
+        """Looks up `tokens` (ids in [0, V); others give NaN rows) -> [B, T, D] in dtype."""
+        return jnp.take(self.embedding, tokens, axis=0).astype(self.config.compute_dtype)
+
+    def attend(self, x: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
+        """Tied logits `x @ embedding.T`: operands in dtype, float32 accumulation and result."""
+        dtype = self.config.compute_dtype
+        return jnp.einsum("BTD,VD->BTV", x.astype(dtype), self.embedding.astype(dtype),
+                          preferred_element_type=jnp.float32)
+
+
+class LMHead(nn.Module):
+    """Untied output head `kernel (D, V)`: operands in dtype, float32 logits."""
+
+    config: DecoderConfig
+
+    @nn.compact
+    def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
+        cfg = self.config
+        w = self.param("kernel", nn.with_logical_partitioning(fan_in_init((0,)), (EMBED, VOCAB)),
+                       (cfg.hidden_size, cfg.vocab_size), cfg.weight_dtype)
+        dtype = cfg.compute_dtype
+        return jnp.einsum("BTD,DV->BTV", x.astype(dtype), w.astype(dtype),
+                          preferred_element_type=jnp.float32)
+
+
+class Attention(nn.Module):
+    """Causal GQA self-attention with RoPE (HF `Qwen2Attention` / `LlamaAttention`)."""
+
+    config: DecoderConfig
+
+    @nn.compact
+    def __call__(self, x: Float[Array, "B T D"], cos: Float[Array, "B T H"],
+                 sin: Float[Array, "B T H"], segment_ids: Int[Array, "B T"] | None
+                 ) -> Float[Array, "B T D"]:
+        cfg = self.config
+        d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        proj = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
+        q = Einsum((d, n, h), (EMBED, HEADS, HEAD_DIM),
+                   bias_axes=(HEADS, HEAD_DIM) if cfg.qkv_bias else None,
+                   name="q_proj", **proj)("BTD,DNH->BTNH", x)
+        kk = Einsum((d, k, h), (EMBED, KV_HEADS, HEAD_DIM),
+                    bias_axes=(KV_HEADS, HEAD_DIM) if cfg.qkv_bias else None,
+                    name="k_proj", **proj)("BTD,DKH->BTKH", x)
+        v = Einsum((d, k, h), (EMBED, KV_HEADS, HEAD_DIM),
+                   bias_axes=(KV_HEADS, HEAD_DIM) if cfg.qkv_bias else None,
+                   name="v_proj", **proj)("BTD,DKH->BTKH", x)
+        q = nn.with_logical_constraint(apply_rope(q, cos, sin), (ACT_BATCH, ACT_LEN, ACT_HEADS,
+                                                                 None))
+        kk = nn.with_logical_constraint(apply_rope(kk, cos, sin), (ACT_BATCH, ACT_LEN,
+                                                                   ACT_KV_HEADS, None))
+        v = nn.with_logical_constraint(v, (ACT_BATCH, ACT_LEN, ACT_KV_HEADS, None))
+        b, t = x.shape[:2]
+        # Causal by index (as HF), restricted to equal segment ids (packing / padding).
+        mask = make_attention_mask(batch=b, q_len=t, kv_len=t, causal=True,
+                                   q_segment_ids=segment_ids, kv_segment_ids=segment_ids)
+        out = dot_product_attention(q, kk, v, mask=mask, implementation=cfg.attention_impl)
+        out = nn.with_logical_constraint(out, (ACT_BATCH, ACT_LEN, ACT_HEADS, None))
+        return Einsum((n, h, d), (HEADS, HEAD_DIM, EMBED), fan_in_axes=(0, 1), name="o_proj",
+                      **proj)("BTNH,NHD->BTD", out)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU MLP `down(silu(gate(x)) * up(x))` (HF `Qwen2MLP` / `LlamaMLP`)."""
+
+    config: DecoderConfig
+
+    @nn.compact
+    def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
+        cfg = self.config
+        d, m = cfg.hidden_size, cfg.mlp_dim
+        proj = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
+        gate = Einsum((d, m), (EMBED, MLP), name="gate_proj", **proj)("BTD,DM->BTM", x)
+        up = Einsum((d, m), (EMBED, MLP), name="up_proj", **proj)("BTD,DM->BTM", x)
+        hidden = activation("silu")(gate) * up
+        return Einsum((m, d), (MLP, EMBED), name="down_proj", **proj)("BTM,MD->BTD", hidden)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: `x + attn(norm(x))`, then `x + mlp(norm(x))` (HF `*DecoderLayer`).
+
+    Returns `(x, None)` so the same module runs under `nn.scan`.
+    """
+
+    config: DecoderConfig
+
+    @nn.compact
+    def __call__(self, x: Float[Array, "B T D"], cos: Float[Array, "B T H"],
+                 sin: Float[Array, "B T H"], segment_ids: Int[Array, "B T"] | None
+                 ) -> tuple[Float[Array, "B T D"], None]:
+        cfg = self.config
+        x = nn.with_logical_constraint(x, ACT_BTD)
+        h = RMSNorm(cfg.rms_eps, param_dtype=cfg.weight_dtype, name="input_layernorm")(x)
+        x = x + Attention(cfg, name="self_attn")(h, cos, sin, segment_ids)
+        h = RMSNorm(cfg.rms_eps, param_dtype=cfg.weight_dtype, name="post_attention_layernorm")(x)
+        x = x + FeedForward(cfg, name="mlp")(h)
+        return nn.with_logical_constraint(x, ACT_BTD), None
+
+
+class Decoder(nn.Module):
+    """Decoder-only causal LM (HF `Qwen2ForCausalLM` / `LlamaForCausalLM` by config).
+
+    Three public methods: `embed` (tokens -> embeddings), `__call__` (embeddings -> final-norm
+    hidden states) and `logits` (hidden -> float32 logits), so a multimodal model can splice
+    visual embeddings between the first two. `init` through `__call__` creates every parameter
+    (embedding and head included), e.g. `Decoder(cfg).init(rng, embeds, positions)`.
+    """
+
+    config: DecoderConfig
+
+    def setup(self):
+        cfg = self.config
+        self.embed_tokens = Embedder(cfg)
+        layer_cls = DecoderLayer
+        if cfg.remat_policy != "none":
+            policy = (None if cfg.remat_policy == "full"
+                      else jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+            layer_cls = nn.remat(layer_cls, policy=policy, prevent_cse=not cfg.scan_layers)
+        if cfg.scan_layers:
+            self.layers = nn.scan(
+                layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                metadata_params={nn.PARTITION_NAME: LAYERS})(cfg)
+        else:
+            self.layers = [layer_cls(cfg) for _ in range(cfg.num_layers)]
+        self.norm = RMSNorm(cfg.rms_eps, param_dtype=cfg.weight_dtype)
+        if not cfg.tie_embeddings:
+            self.lm_head = LMHead(cfg)
+
+    def embed(self, tokens: Int[Array, "B T"]) -> Float[Array, "B T D"]:
+        """Token embeddings.
+
+        Args:
+          tokens: int32[B, T] ids in [0, V) (ids outside give NaN rows: replace them).
+
+        Returns:
+          [B, T, D] in the compute dtype.
+        """
+        return nn.with_logical_constraint(self.embed_tokens(tokens), ACT_BTD)
+
+    def __call__(self, embeds: Float[Array, "B T D"], positions: Int[Array, "B T"],
+                 segment_ids: Int[Array, "B T"] | None = None, *,
+                 return_hidden_states: bool = False
+                 ) -> tuple[Float[Array, "B T D"], dict[str, Any]]:
+        """Runs the layers and the final norm.
+
+        Args:
+          embeds: [B, T, D] input embeddings (cast to the compute dtype).
+          positions: int32[B, T] RoPE positions (restart at 0 per packed segment).
+          segment_ids: int32[B, T] or None. Attention is causal by index and stays within
+            equal ids (packing); id 0 marks padding, whose outputs are meaningless.
+          return_hidden_states: also return `aux["hidden_states"]`, a list of L + 1 arrays
+            [B, T, D]: each layer's input, then the final (normed) output, like HF
+            `output_hidden_states`. Not supported with `scan_layers`.
+
+        Returns:
+          (hidden [B, T, D] in the compute dtype after the final norm, aux dict).
+
+        Raises:
+          ValueError: on a width / shape mismatch, or hidden states requested with scan_layers.
+        """
+        cfg = self.config
+        if embeds.ndim != 3 or embeds.shape[-1] != cfg.hidden_size:
+            raise ValueError(f"embeds must be [B, T, {cfg.hidden_size}], got {embeds.shape}")
+        if positions.shape != embeds.shape[:2]:
+            raise ValueError(f"positions {positions.shape} != embeds[:2] {embeds.shape[:2]}")
+        if segment_ids is not None and segment_ids.shape != embeds.shape[:2]:
+            raise ValueError(f"segment_ids {segment_ids.shape} != embeds[:2] {embeds.shape[:2]}")
+        if return_hidden_states and cfg.scan_layers:
+            raise ValueError("return_hidden_states is not supported with scan_layers=True")
+        x = nn.with_logical_constraint(embeds.astype(cfg.compute_dtype), ACT_BTD)
+        cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg.head_dim, cfg.rope_theta,
+                                                         cfg.rope_scaling))
+        hidden_states = []
+        if cfg.scan_layers:
+            x, _ = self.layers(x, cos, sin, segment_ids)
+        else:
+            for layer in self.layers:
+                if return_hidden_states:
+                    hidden_states.append(x)
+                x, _ = layer(x, cos, sin, segment_ids)
+        x = nn.with_logical_constraint(self.norm(x), ACT_BTD)
+        aux: dict[str, Any] = {}
+        if return_hidden_states:
+            aux["hidden_states"] = hidden_states + [x]
+        if self.is_initializing():  # create the embedding and head parameters too
+            self.embed(jnp.zeros((1, 1), jnp.int32))
+            self.logits(x[:1, :1])
+        return x, aux
+
+    def logits(self, hidden: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
+        """float32[B, T, V] logits from `lm_head`, or the embedding when tied."""
+        if self.config.tie_embeddings:
+            out = self.embed_tokens.attend(hidden)
+        else:
+            out = self.lm_head(hidden)
+        return nn.with_logical_constraint(out, (ACT_BATCH, ACT_LEN, ACT_VOCAB))
+
+
+Model = Decoder
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameter layouts.
+
+
+def stack_layer_params(params: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
+    """Unscanned tree (`layers_0` ... `layers_{L-1}`) -> scanned tree (`layers`, leading L axis).
+
+    Works on nested dicts of arrays (NumPy or JAX); other top-level entries are kept.
+
+    Raises:
+      ValueError: if a `layers_{i}` subtree is missing or the layer trees differ in structure.
+    """
+    params = dict(params)
+    subtrees = []
+    for i in range(num_layers):
+        if f"layers_{i}" not in params:
+            raise ValueError(f"missing layers_{i} in params (keys {sorted(params)})")
+        subtrees.append(params.pop(f"layers_{i}"))
+    extra = sorted(k for k in params if k.startswith("layers"))
+    if extra:
+        raise ValueError(f"unexpected layer entries {extra} for num_layers={num_layers}")
+    structure = jax.tree.structure(subtrees[0])
+    for i, tree in enumerate(subtrees):
+        if jax.tree.structure(tree) != structure:
+            raise ValueError(f"layers_{i} has a different structure from layers_0")
+
+    def stack(*xs):
+        return (np if all(isinstance(x, np.ndarray) for x in xs) else jnp).stack(xs)
+
+    params["layers"] = jax.tree.map(stack, *subtrees)
+    return params
+
+
+def unstack_layer_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Scanned tree (`layers` with a leading L axis) -> unscanned (`layers_0` ...).
+
+    Raises:
+      ValueError: if there is no `layers` entry.
+    """
+    params = dict(params)
+    if "layers" not in params:
+        raise ValueError(f"no scanned 'layers' entry in params (keys {sorted(params)})")
+    stacked = params.pop("layers")
+    num_layers = jax.tree.leaves(stacked)[0].shape[0]
+    for i in range(num_layers):
+        params[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+    return params
