@@ -1,0 +1,248 @@
+"""Grain transforms: decode one annotation record into model inputs; skip bad ones and batch.
+
+`DecodeExample` runs inside the workers (one map step per record; files are opened there).
+`SkipAndBatchIterDataset` runs in the main process after `mp_prefetch`: it drops records that
+failed, counts them in `num_skipped`, logs a warning naming file and error, and pads text to a
+length bucket.
+
+Letters: B batch, F frames (max_frames), S image side, C mel bins, T tokens, Lq Q-Former text.
+"""
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import grain
+import numpy as np
+from absl import logging
+
+from longvid_jax.input import audio, chat, decode, tokenizer as tokenizer_lib
+from longvid_jax.input.sources import AnnotationError
+
+ERROR_KEY = "_failed"  # marks a record that failed; never reaches the model
+AUDIO_WINDOW = 100  # mel columns per frame window: 1 s at a 10 ms hop (Whisper: 160 at 16 kHz)
+
+
+def truncate_text(ids: np.ndarray, mask: np.ndarray, max_len: int, what: str):
+    """Cuts a tokenized example to `max_len` tokens at the end, keeping the video whole.
+
+    Returns:
+        (input_ids int32[<=max_len], loss_mask bool[<=max_len]).
+
+    Raises:
+        ValueError: the video placeholders end beyond `max_len` (the record is bad).
+    """
+    if ids.shape[0] <= max_len:
+        return ids, mask
+    placeholders = np.flatnonzero(ids == chat.VIDEO_TOKEN_INDEX)
+    if placeholders.size and placeholders[-1] >= max_len:
+        raise ValueError(
+            f"{what}: its {placeholders.size} video placeholders end at token "
+            f"{placeholders[-1] + 1}, beyond the largest length bucket {max_len}"
+        )
+    logging.warning("%s: %d tokens truncated to the largest bucket, %d", what, ids.shape[0],
+                    max_len)
+    return ids[:max_len], mask[:max_len]
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeExample(grain.transforms.Map):
+    """Record -> example: frames, audio features, tokens with loss mask, Q-Former text.
+
+    Input: a `JsonAnnotationSource` item (`video`, `conversations`, `_index`, `_source`, or
+    `_error`). Output (F = max_frames, the first `n` frames real):
+      frames float32[F, S, S, 3]: (x / 255 - mean) / std, padding frames 0;
+      frame_mask bool[F]; timestamps float32[F] (s, padding 0);
+      audio_mel float32[F, C, 100]: `audio.per_second_features` (padding frames 0);
+      audio_mask bool[F]: window has real audio (all False without an audio track);
+      input_ids int32[T], loss_mask bool[T]: `chat.tokenize_conversation` with
+        `num_video_tokens(n)` placeholders, truncated to max(length_buckets);
+      qformer_text_ids int32[Lq], qformer_text_mask bool[Lq]: `chat.question_text` tokenized,
+        truncated, padded with the pad id; record_index int32[] (position in the file).
+    A record that fails (`VideoDecodeError`, `AnnotationError`, any ValueError while
+    tokenizing) becomes `{ERROR_KEY: message, "video", "index"}` for the batcher to skip.
+
+    Attributes:
+        cfg: a `pipeline.PipelineConfig`.
+        num_video_tokens: picklable callable, number of valid frames -> placeholders.
+    """
+
+    cfg: Any
+    num_video_tokens: Callable[[int], int]
+
+    def map(self, element: dict[str, Any]) -> dict[str, Any]:
+        try:
+            if "_error" in element:
+                raise AnnotationError(element["_source"], element["_error"], element["_index"])
+            return self._decode(element)
+        except ValueError as e:  # VideoDecodeError, AnnotationError, tokenization problems
+            return {
+                ERROR_KEY: str(e),
+                "video": str(element.get("video", "?")),
+                "index": int(element.get("_index", -1)),
+            }
+
+    def _decode(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
+        cfg = self.cfg
+        tok = tokenizer_lib.load_tokenizer(cfg.tokenizer)
+        num_max, side = cfg.max_frames, cfg.image_size
+        mean = np.asarray(cfg.image_mean, np.float32)
+        std = np.asarray(cfg.image_std, np.float32)
+        clip = decode.load_video(
+            record["video"], fps=cfg.fps, max_frames=num_max, size=side, pad_to_square=True,
+            fill=tuple(int(m * 255) for m in cfg.image_mean), num_threads=cfg.decode_threads,
+        )
+        n = clip.frames.shape[0]
+        frames = np.zeros((num_max, side, side, 3), np.float32)
+        frames[:n] = (clip.frames.astype(np.float32) / 255.0 - mean) / std
+        frame_mask = np.arange(num_max) < n
+        timestamps = np.zeros((num_max,), np.float32)
+        timestamps[:n] = clip.timestamps
+
+        audio_mel = np.zeros((num_max, cfg.num_mel_bins, AUDIO_WINDOW), np.float32)
+        audio_mask = np.zeros((num_max,), bool)
+        if cfg.num_mel_bins > 0:
+            wave = decode.load_audio(record["video"], sample_rate=cfg.sample_rate)
+            mel, has_audio = audio.per_second_features(
+                wave, clip.timestamps, clip.duration, num_mel_bins=cfg.num_mel_bins,
+                sample_rate=cfg.sample_rate, n_fft=cfg.sample_rate // 40,  # 25 ms window
+                hop_length=cfg.sample_rate // 100, frames_per_second=AUDIO_WINDOW,  # 10 ms hop
+            )
+            audio_mel[:n], audio_mask[:n] = mel, has_audio
+
+        what = f"{record['video']} (record {record['_index']} of {record['_source']})"
+        text = chat.tokenize_conversation(
+            record["conversations"], tok, template=cfg.template, system=cfg.system,
+            num_video_tokens=int(self.num_video_tokens(n)),
+        )
+        ids, mask = truncate_text(text["input_ids"], text["loss_mask"], max(cfg.length_buckets),
+                                  what)
+        q_len = cfg.qformer_text_len
+        q_ids = np.full((q_len,), pad_id(tok), np.int32)
+        q_mask = np.zeros((q_len,), bool)
+        if q_len:
+            q = tok.encode(chat.question_text(record["conversations"]),
+                           add_special_tokens=False)[:q_len]
+            q_ids[: len(q)], q_mask[: len(q)] = q, True
+        return {
+            "frames": frames, "frame_mask": frame_mask, "timestamps": timestamps,
+            "audio_mel": audio_mel, "audio_mask": audio_mask,
+            "input_ids": ids.astype(np.int32), "loss_mask": mask.astype(bool),
+            "qformer_text_ids": q_ids, "qformer_text_mask": q_mask,
+            "record_index": np.int32(record["_index"]),
+        }
+
+
+def pad_id(tok) -> int:
+    """The tokenizer's pad id, or 0 when it has none."""
+    return int(tok.pad_token_id) if tok.pad_token_id is not None else 0
+
+
+def bucket_length(length: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket >= length (buckets sorted ascending); the largest if none is."""
+    for b in buckets:
+        if b >= length:
+            return b
+    return buckets[-1]
+
+
+def collate(examples: Sequence[dict[str, np.ndarray]], *, batch_size: int,
+            buckets: Sequence[int], pad: int, num_skipped: int) -> dict[str, np.ndarray]:
+    """Stacks examples into a batch; text padded to a length bucket.
+
+    Adds segment_ids int32[B, T] (1 real, 0 padding), positions int32[B, T] (0.. on real
+    tokens, 0 on padding) and num_skipped int32[]. Fewer examples than `batch_size` (the end
+    of a finite dataset) are padded with empty rows: all masks False, segment_ids 0,
+    record_index -1.
+    """
+    t = bucket_length(max(e["input_ids"].shape[0] for e in examples), buckets)
+    rows = len(examples)
+    batch = {}
+    for key in examples[0]:
+        if key in ("input_ids", "loss_mask"):
+            continue
+        stacked = np.stack([e[key] for e in examples])
+        if rows < batch_size:
+            fill = -1 if key == "record_index" else 0
+            extra = np.full((batch_size - rows,) + stacked.shape[1:], fill, stacked.dtype)
+            stacked = np.concatenate([stacked, extra])
+        batch[key] = stacked
+    input_ids = np.full((batch_size, t), pad, np.int32)
+    loss_mask = np.zeros((batch_size, t), bool)
+    segment_ids = np.zeros((batch_size, t), np.int32)
+    positions = np.zeros((batch_size, t), np.int32)
+    for i, e in enumerate(examples):
+        n = e["input_ids"].shape[0]
+        input_ids[i, :n] = e["input_ids"]
+        loss_mask[i, :n] = e["loss_mask"]
+        segment_ids[i, :n] = 1
+        positions[i, :n] = np.arange(n)
+    batch.update(input_ids=input_ids, loss_mask=loss_mask, segment_ids=segment_ids,
+                 positions=positions, num_skipped=np.int32(num_skipped))
+    return batch
+
+
+class SkipAndBatchIterDataset(grain.IterDataset):
+    """Drops failed records (counting them), batches the rest with bucketed text padding.
+
+    Raises (when iterated) RuntimeError after `max_consecutive_bad` failed records in a row,
+    so a dataset whose every video is broken stops instead of spinning.
+    """
+
+    def __init__(self, parent: grain.IterDataset, *, batch_size: int,
+                 buckets: Sequence[int], pad: int, max_consecutive_bad: int):
+        super().__init__(parent)
+        self._kw = dict(batch_size=batch_size, buckets=tuple(buckets), pad=pad,
+                        max_consecutive_bad=max_consecutive_bad)
+
+    def __iter__(self) -> "_SkipAndBatchIterator":
+        return _SkipAndBatchIterator(self._parent.__iter__(), **self._kw)
+
+    def __str__(self) -> str:
+        return f"SkipAndBatchIterDataset({self._kw})"
+
+
+class _SkipAndBatchIterator(grain.DatasetIterator):
+    """Consumes exactly the records of each batch, so its state is the parent's state."""
+
+    def __init__(self, parent: grain.DatasetIterator, *, batch_size: int,
+                 buckets: tuple[int, ...], pad: int, max_consecutive_bad: int):
+        super().__init__(parent)
+        self._batch_size = batch_size
+        self._buckets = buckets
+        self._pad = pad
+        self._max_bad = max_consecutive_bad
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        examples, skipped, bad_run = [], 0, 0
+        while len(examples) < self._batch_size:
+            try:
+                element = next(self._parent)
+            except StopIteration:
+                if skipped:
+                    logging.warning("%d bad records at the end of the data are in no batch",
+                                    skipped)
+                if not examples:
+                    raise
+                break
+            if ERROR_KEY in element:
+                skipped += 1
+                bad_run += 1
+                logging.warning("skipping record %d (%s): %s", element["index"],
+                                element["video"], element[ERROR_KEY])
+                if bad_run >= self._max_bad:
+                    raise RuntimeError(
+                        f"{bad_run} bad records in a row; last: record {element['index']} "
+                        f"({element['video']}): {element[ERROR_KEY]}"
+                    )
+                continue
+            bad_run = 0
+            examples.append(element)
+        return collate(examples, batch_size=self._batch_size, buckets=self._buckets,
+                       pad=self._pad, num_skipped=skipped)
+
+    def get_state(self) -> dict[str, Any]:
+        return self._parent.get_state()
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state)

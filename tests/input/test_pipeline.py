@@ -1,0 +1,221 @@
+"""The Grain pipeline end to end on real clips: skipping, batching, buckets, state, workers."""
+
+import functools
+import json
+import logging
+import operator
+import time
+
+import ml_collections
+import numpy as np
+import pytest
+
+from longvid_jax.input import chat, decode, pipeline
+from longvid_jax.input.transforms import DecodeExample
+
+from tests.input.test_decode import remux_without_audio
+
+
+# 4 placeholders per frame; a partial of a builtin pickles without importing this module.
+video_tokens = functools.partial(operator.mul, 4)
+
+
+CONVS = [
+    [{"from": "human", "value": "<video>\nWhat happens?"},
+     {"from": "gpt", "value": "A short scene."}],
+    [{"from": "human", "value": "<video>\nAnything?"}, {"from": "gpt", "value": "Broken."}],
+    [{"from": "human", "value": "<video>\nWhat is typed?"},
+     {"from": "gpt", "value": "Hello world."},
+     {"from": "human", "value": "Who speaks?"}, {"from": "gpt", "value": "A man at his desk."}],
+    [{"from": "human", "value": "Describe the clip."}, {"from": "gpt", "value": "A quiet clip."}],
+]
+
+
+@pytest.fixture(scope="module")
+def annotations(tmp_path_factory, media_dir):
+    """3 good records and 1 broken video (record 1); record 3 has no audio track."""
+    root = tmp_path_factory.mktemp("pipeline")
+    data = (media_dir / "movie-hello.mp4").read_bytes()
+    (root / "broken.mp4").write_bytes(data[: len(data) // 2])
+    remux_without_audio(media_dir / "realshort.mp4", root / "silent.mp4")
+    videos = [str(media_dir / "realshort.mp4"), "broken.mp4", str(media_dir / "movie-hello.mp4"),
+              "silent.mp4"]
+    path = root / "train.jsonl"
+    path.write_text("".join(json.dumps({"video": v, "conversations": c}) + "\n"
+                            for v, c in zip(videos, CONVS)))
+    return path
+
+
+def _cfg(annotations, **kw):
+    base = dict(annotations=str(annotations), max_frames=4, image_size=32, num_mel_bins=8,
+                length_buckets=(48, 64, 128), qformer_text_len=8, batch_size=2, shuffle=False,
+                num_epochs=2)
+    base.update(kw)
+    return pipeline.PipelineConfig(**base)
+
+
+def test_skips_bad_records_and_batches(annotations, qwen2, media_dir, caplog):
+    cfg = _cfg(annotations)
+    with caplog.at_level(logging.WARNING):
+        batches = list(pipeline.make_iterator(cfg, num_video_tokens=video_tokens))
+    assert [b["record_index"].tolist() for b in batches] == [[0, 2], [3, 0], [2, 3]]
+    assert [int(b["num_skipped"]) for b in batches] == [1, 0, 1]  # one bad record per epoch
+    assert "broken.mp4" in caplog.text and "truncated" in caplog.text
+
+    b = batches[0]
+    assert b["frames"].shape == (2, 4, 32, 32, 3) and b["frames"].dtype == np.float32
+    assert b["frame_mask"].tolist() == [[True, True, False, False], [True] * 4]
+    assert b["audio_mel"].shape == (2, 4, 8, 100) and b["audio_mask"].tolist() == b[
+        "frame_mask"].tolist()
+    clip = decode.load_video(media_dir / "realshort.mp4", max_frames=4, size=32,
+                             fill=(127, 127, 127))
+    np.testing.assert_allclose(b["frames"][0, :2], (clip.frames / 255.0 - 0.5) / 0.5, atol=1e-6)
+    assert not b["frames"][0, 2:].any() and not b["audio_mel"][0, 2:].any()
+    np.testing.assert_allclose(b["timestamps"][0], [0, clip.timestamps[1], 0, 0], atol=1e-6)
+    np.testing.assert_allclose(b["timestamps"][1], [0, 3, 5, 8], atol=0.02)  # 9 s -> 4 frames
+
+    for row, rec in enumerate([0, 2]):
+        want = chat.tokenize_conversation(CONVS[rec], qwen2, num_video_tokens=video_tokens(
+            b["frame_mask"][row].sum()))
+        n = want["input_ids"].shape[0]
+        np.testing.assert_array_equal(b["input_ids"][row, :n], want["input_ids"])
+        np.testing.assert_array_equal(b["loss_mask"][row, :n], want["loss_mask"])
+        assert (b["input_ids"][row, n:] == qwen2.pad_token_id).all()
+        assert not b["loss_mask"][row, n:].any()
+        assert b["segment_ids"][row].tolist() == [1] * n + [0] * (b["input_ids"].shape[1] - n)
+        assert b["positions"][row, :n].tolist() == list(range(n))
+        assert not b["positions"][row, n:].any()
+        answers = [t["value"] + "<|im_end|>" for t in CONVS[rec] if t["from"] == "gpt"]
+        assert qwen2.decode(b["input_ids"][row][b["loss_mask"][row]]) == "".join(answers)
+        q = qwen2.encode(chat.question_text(CONVS[rec]))[:8]
+        assert b["qformer_text_ids"][row, : len(q)].tolist() == q
+        assert b["qformer_text_mask"][row].sum() == len(q)
+    lengths = [int(x.sum()) for x in b["segment_ids"]]
+    assert b["input_ids"].shape[1] == min(t for t in cfg.length_buckets if t >= max(lengths))
+
+    silent = batches[1]  # record 3: no audio track -> silence features, audio_mask False
+    assert silent["record_index"][0] == 3 and silent["frame_mask"][0].sum() == 2
+    assert not silent["audio_mask"][0].any()
+    assert (silent["audio_mel"][0, :2] == -1.5).all()
+
+
+def test_state_restore_continues_at_next_batch(annotations):
+    cfg = _cfg(annotations, shuffle=True, num_epochs=None, seed=3, num_mel_bins=0)
+    it = pipeline.make_iterator(cfg, num_video_tokens=video_tokens)
+    for _ in range(2):
+        next(it)
+    state = json.loads(json.dumps(it.get_state()))  # JSON-serialisable
+    want = [next(it) for _ in range(2)]
+    resumed = pipeline.make_iterator(cfg, num_video_tokens=video_tokens, state=state)
+    for a, b in zip(want, [next(resumed) for _ in range(2)]):
+        assert a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_shuffle_per_epoch_and_process_shards(tmp_path, media_dir):
+    conv = CONVS[0]
+    path = tmp_path / "six.json"
+    path.write_text(json.dumps([{"video": str(media_dir / "realshort.mp4"), "conversations": conv}
+                                for _ in range(6)]))
+    cfg = pipeline.PipelineConfig(annotations=str(path), max_frames=1, image_size=10,
+                                  num_mel_bins=0, qformer_text_len=0, batch_size=1, seed=7,
+                                  num_epochs=2, length_buckets=(64,))
+
+    def order(**kw):
+        it = pipeline.make_iterator(cfg, num_video_tokens=video_tokens, **kw)
+        return [int(b["record_index"][0]) for b in it]
+
+    seen = order()
+    assert sorted(seen[:6]) == sorted(seen[6:]) == list(range(6))
+    assert seen[:6] != seen[6:]  # a new order each epoch
+    assert order() == seen  # deterministic
+    shard0, shard1 = order(process_index=0, process_count=2), order(process_index=1,
+                                                                    process_count=2)
+    assert sorted(shard0[:3]) == [0, 2, 4] and sorted(shard1[:3]) == [1, 3, 5]
+
+
+def test_truncation_keeps_video_whole(tmp_path, media_dir, qwen2, caplog):
+    long_answer = " ".join(["word"] * 80)
+    conv = [{"from": "human", "value": "<video>\nTalk."}, {"from": "gpt", "value": long_answer}]
+    path = tmp_path / "long.json"
+    record = {"video": str(media_dir / "realshort.mp4"), "conversations": conv}
+    path.write_text(json.dumps([record]))
+    cfg = pipeline.PipelineConfig(annotations=str(path), max_frames=2, image_size=16,
+                                  num_mel_bins=0, batch_size=1, num_epochs=1, shuffle=False,
+                                  length_buckets=(32, 48))
+    with caplog.at_level(logging.WARNING):
+        (batch,) = list(pipeline.make_iterator(cfg, num_video_tokens=video_tokens))
+    assert batch["input_ids"].shape == (1, 48) and batch["segment_ids"].all()
+    assert "truncated" in caplog.text
+    full = chat.tokenize_conversation(conv, qwen2, num_video_tokens=8)
+    np.testing.assert_array_equal(batch["input_ids"][0], full["input_ids"][:48])
+    assert batch["loss_mask"][0].sum() == full["loss_mask"][:48].sum() > 0
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # 2 frames x 30 placeholders cannot fit 48 tokens
+        assert list(pipeline.make_iterator(cfg, num_video_tokens=lambda n: 30 * n)) == []
+    assert "placeholders" in caplog.text and "realshort.mp4" in caplog.text
+
+
+def test_workers_need_parsed_flags(annotations, absl_flags):
+    absl_flags.unparse_flags()
+    try:
+        with pytest.raises(RuntimeError, match="absl flags"):
+            pipeline.make_dataset(_cfg(annotations, num_workers=2), num_video_tokens=video_tokens)
+    finally:
+        absl_flags(["pytest"])
+
+
+def test_two_workers(annotations, absl_flags):
+    cfg = _cfg(annotations, num_workers=2, shuffle=True, num_epochs=None, num_mel_bins=0,
+               prefetch_buffer=1)
+    it = pipeline.make_iterator(cfg, num_video_tokens=video_tokens)
+    try:
+        batches = [next(it) for _ in range(2)]
+        state = json.dumps(it.get_state())
+        batches.append(next(it))
+    finally:
+        it.close()
+    indices = np.concatenate([b["record_index"] for b in batches])
+    assert set(indices.tolist()) <= {0, 2, 3} and len(set(indices.tolist())) == 3
+    assert all(b["frames"].shape == (2, 4, 32, 32, 3) for b in batches)
+    assert sum(int(b["num_skipped"]) for b in batches) >= 1
+    resumed = pipeline.make_iterator(cfg, num_video_tokens=video_tokens, state=json.loads(state))
+    try:
+        again = next(resumed)
+    finally:
+        resumed.close()
+    for k in again:
+        np.testing.assert_array_equal(again[k], batches[2][k], err_msg=k)
+
+
+def test_three_minute_video_example(media_dir, qwen2):
+    cfg = pipeline.PipelineConfig(annotations="unused.json", max_frames=32, image_size=32,
+                                  num_mel_bins=16, length_buckets=(512,))
+    record = {"video": str(media_dir / "wannaworktogether.mp4"), "conversations": CONVS[0],
+              "_index": 0, "_source": "inline"}
+    start = time.perf_counter()
+    example = DecodeExample(cfg=cfg, num_video_tokens=video_tokens).map(record)
+    elapsed = time.perf_counter() - start
+    assert "_failed" not in example, example
+    assert elapsed < 10, f"{elapsed:.1f} s"
+    assert example["frames"].shape == (32, 32, 32, 3) and example["frame_mask"].all()
+    ts = example["timestamps"]
+    assert ts[0] == 0 and (np.diff(ts) > 4).all() and 179 < ts[-1] < 180.3
+    assert example["audio_mel"].shape == (32, 16, 100) and example["audio_mask"].all()
+    assert (example["input_ids"] == chat.VIDEO_TOKEN_INDEX).sum() == 128
+
+
+def test_config_from_dict():
+    cd = ml_collections.ConfigDict(
+        dict(annotations="a.jsonl", batch_size=4, length_buckets=[8, 16])
+    )
+    cfg = pipeline.PipelineConfig.from_dict(cd)
+    assert cfg.batch_size == 4 and cfg.length_buckets == (8, 16)
+    with pytest.raises(ValueError, match="unknown PipelineConfig fields"):
+        pipeline.PipelineConfig.from_dict({"annotations": "a", "batch": 2})
+    with pytest.raises(ValueError, match="ascending"):
+        pipeline.PipelineConfig(annotations="a", length_buckets=(16, 8))
+    with pytest.raises(ValueError, match="process_index"):
+        pipeline.make_dataset(cfg, num_video_tokens=video_tokens, process_index=2, process_count=2)
