@@ -127,3 +127,31 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
 def batch_size_divisor(mesh: Mesh) -> int:
     """The number of batch shards; the global batch size must be a multiple of it."""
     return int(np.prod([mesh.shape[a] for a in BATCH_AXES if a in mesh.axis_names]))
+
+
+def _keys(path) -> tuple[str, ...]:
+    return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def like_params_shardings(tree: Any, params: Any, param_shardings: Any, mesh: Mesh) -> Any:
+    """Shardings for a tree whose leaves mirror parameters (optimizer moments, EMA, ...).
+
+    A leaf whose key path ends with a parameter's path and has that parameter's shape gets the
+    parameter's sharding; every other leaf (counters, scalars) is replicated. This works for any
+    optax state, whatever its nesting (`multi_transform`, `MaskedNode`s, chains).
+    """
+    by_path = {}
+    for (path, p), (_, s) in zip(jax.tree_util.tree_flatten_with_path(params)[0],
+                                 jax.tree_util.tree_flatten_with_path(param_shardings)[0]):
+        by_path[_keys(path)] = (tuple(p.shape), s)
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def one(path, leaf):
+        keys = _keys(path)
+        for start in range(len(keys)):
+            hit = by_path.get(keys[start:])
+            if hit is not None and hit[0] == tuple(leaf.shape):
+                return hit[1]
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(one, tree)

@@ -54,9 +54,8 @@ def example_batch(model_cfg: video_llm.VideoLLMConfig, input_cfg, *, batch: int 
         "segment_ids": np.ones((batch, text_len), np.int32),
         "positions": np.broadcast_to(np.arange(text_len, dtype=np.int32), (batch, text_len)),
     }
-    if input_cfg.qformer_text_len:
-        out["qformer_text_ids"] = np.zeros((batch, input_cfg.qformer_text_len), np.int32)
-        out["qformer_text_mask"] = np.ones((batch, input_cfg.qformer_text_len), bool)
+    out["qformer_text_ids"] = np.zeros((batch, input_cfg.qformer_text_len), np.int32)
+    out["qformer_text_mask"] = np.ones((batch, input_cfg.qformer_text_len), bool)
     return out
 
 
@@ -92,8 +91,7 @@ class Trainer:
         tx, schedule = optim.make_optimizer(config.optim, abstract_params, config.total_steps)
         abstract_opt = jax.eval_shape(tx.init, abstract_params)
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_sh,
-                                       transform_non_params=lambda _: replicated)
+        opt_sh = sharding.like_params_shardings(abstract_opt, abstract_params, param_sh, mesh)
         state_sh = {"params": param_sh, "opt_state": opt_sh, "step": replicated}
         abstract_state = {"params": abstract_params, "opt_state": abstract_opt,
                           "step": jax.ShapeDtypeStruct((), jnp.int32)}
@@ -135,7 +133,7 @@ class Trainer:
             updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
             params = optax.apply_updates(state["params"], updates)
             metrics = {"loss": loss, "target_tokens": count,
-                       "grad_norm": optax.global_norm(grads),
+                       "grad_norm": optax.tree.norm(grads),
                        "lr": self.schedule(state["step"])}
             return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
@@ -233,6 +231,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None 
     while step < last:
         host_batch = next(data_it)
         skipped = int(host_batch.pop("num_skipped", 0))
+        host_batch.pop("record_index", None)
         skipped_total += skipped
         records_total += skipped + host_batch["input_ids"].shape[0]
         if skipped_total > config.max_skipped_fraction * max(records_total, 8):

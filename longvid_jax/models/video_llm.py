@@ -103,25 +103,23 @@ def num_video_tokens(config: VideoLLMConfig, num_frames: int) -> int:
                                     config.audio_tokens_per_frame, config.compressor)
 
 
-def splice_video_tokens(text_embeds: jax.Array, input_ids: jax.Array, video_tokens: jax.Array,
-                        video_mask: jax.Array) -> jax.Array:
+def splice_video_tokens(text_embeds: jax.Array, input_ids: jax.Array,
+                        video_tokens: jax.Array) -> jax.Array:
     """Writes the valid video tokens, in order, at the placeholder positions.
 
     Args:
       text_embeds: [B, T, D] token embeddings (placeholders embedded as any id).
       input_ids: int32[B, T]; `VIDEO_TOKEN_INDEX` marks placeholders.
-      video_tokens: [B, N, D] in the compressor's fixed layout.
-      video_mask: bool[B, N], True on valid tokens; the number of True per row must equal the
-        number of placeholders in that row (the pipeline guarantees it).
+      video_tokens: [B, N, D]; the valid tokens of each row form a prefix, in order
+        (`TDCCompressor` guarantees it), and their number equals the row's placeholder count
+        (the pipeline guarantees it; the trainer checks on the host).
 
     Returns:
       [B, T, D] embeddings.
     """
     is_video = input_ids == VIDEO_TOKEN_INDEX
-    order = jnp.argsort(jnp.logical_not(video_mask), axis=1, stable=True)  # valid first
-    compact = jnp.take_along_axis(video_tokens, order[..., None], axis=1)
     slot = jnp.clip(jnp.cumsum(is_video, axis=1) - 1, 0, video_tokens.shape[1] - 1)
-    gathered = jnp.take_along_axis(compact, slot[..., None], axis=1)
+    gathered = jnp.take_along_axis(video_tokens, slot[..., None], axis=1)
     return jnp.where(is_video[..., None], gathered.astype(text_embeds.dtype), text_embeds)
 
 
@@ -190,7 +188,7 @@ class VideoLLM(nn.Module):
         ids = batch["input_ids"]
         text = self.llm.embed(jnp.where(ids == VIDEO_TOKEN_INDEX, 0, ids))
         video, video_mask = self.encode_video(batch)
-        embeds = splice_video_tokens(text, ids, video, video_mask)
+        embeds = splice_video_tokens(text, ids, video)
         embeds = nn.with_logical_constraint(embeds, ACT_BTD)
         hidden, _ = self.llm(embeds, batch["positions"], batch["segment_ids"])
         return hidden, {"video_tokens": video, "video_mask": video_mask}
