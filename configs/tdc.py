@@ -15,15 +15,27 @@ Arguments after ':' (comma separated): size=demo|full, llm=qwen2_7b|llama3_2_3b 
 Any field can be overridden with --config.<path>=<value>.
 """
 
+import dataclasses
 import os
 
 import ml_collections
 
 from longvid_jax.config_arg import parse_arg
+from longvid_jax.models import audio, decoder, qformer, vit
 
 _SAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                         "data", "samples")
 _QWEN_VOCAB = 151646  # BPE ranks + <|endoftext|>, <|im_start|>, <|im_end|>
+
+
+def _fields(module_config, drop=("encoder_width", "num_queries")) -> dict:
+    """All fields of a module config dataclass as a dict, minus those the model derives."""
+    out = {}
+    for f in dataclasses.fields(module_config):
+        if f.name not in drop:
+            value = getattr(module_config, f.name)
+            out[f.name] = str(value) if f.name in ("dtype", "param_dtype") else value
+    return out
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -36,30 +48,37 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     demo = arg.size == "demo"
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.total_steps = 120 if demo else 10_000
+    c.total_steps = 150 if demo else 10_000
     c.log_every = 5 if demo else 20
-    c.ckpt_every = 40 if demo else 500
+    c.ckpt_every = 50 if demo else 500
     c.keep_ckpts = 2
     c.max_skipped_fraction = 0.5  # abort if more than this fraction of records are unreadable
 
-    # Model. Sub-dicts hold the fields of the module configs (longvid_jax/models/*.py), which
-    # own the defaults; `variant` picks a named size.
+    # Model. Each sub-dict holds every field of a module config (longvid_jax/models/*.py),
+    # resolved from a named variant there, so `--config.model.llm.num_layers=4` works; the
+    # modules own the defaults. The Q-Former's encoder width is the LLM's (set by the model).
     c.model = ml_collections.ConfigDict()
     if demo:
-        c.model.llm = dict(variant="tiny", vocab_size=_QWEN_VOCAB, tie_embeddings=True)
-        c.model.vision = dict(variant="tiny")
+        c.model.llm = _fields(decoder.make_config(
+            "tiny", vocab_size=_QWEN_VOCAB, tie_embeddings=True, hidden_size=128, head_dim=32,
+            mlp_dim=384))
+        c.model.vision = _fields(vit.make_config("tiny", post_ln=False))
         c.model.vision_pool = None
-        c.model.audio = dict(variant="tiny")
+        c.model.audio = _fields(audio.make_config("tiny"))
         c.model.audio_tokens_per_second = 5
-        c.model.qformer = dict(variant="tiny", vocab_size=_QWEN_VOCAB)
+        c.model.qformer = _fields(qformer.make_config("tiny", vocab_size=_QWEN_VOCAB))
         c.model.compressor = dict(num_tokens=4, chunk_size=8, text_input=True)
     else:
-        c.model.llm = dict(variant=arg.llm, dtype="bfloat16")
-        c.model.vision = dict(variant="so400m_14_384", post_ln=False, dtype="bfloat16")
+        bf16 = dict(dtype="bfloat16")
+        c.model.llm = _fields(decoder.make_config(arg.llm, **bf16))
+        c.model.vision = _fields(vit.make_config("so400m_14_384", post_ln=False, **bf16))
         c.model.vision_pool = (12, 12)
-        c.model.audio = dict(variant="large_v3", dtype="bfloat16")
+        c.model.audio = _fields(audio.make_config("large_v3", **bf16))
         c.model.audio_tokens_per_second = 50
-        c.model.qformer = dict(variant="bert_base", dtype="bfloat16")
+        # TDC feeds the instruction to the Q-Former through bert-base-uncased's WordPiece; here
+        # the Q-Former reads the LLM tokenizer's ids, so its word table has the LLM's vocabulary.
+        c.model.qformer = _fields(qformer.make_config(
+            "bert_base", vocab_size=c.model.llm.vocab_size, **bf16))
         c.model.compressor = dict(num_tokens=16, chunk_size=8, text_input=True)
 
     # Input pipeline (longvid_jax/input/pipeline.py).
@@ -84,7 +103,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # Optimizer (TDC: AdamW, cosine, warmup ratio 0.03, weight decay 0; towers frozen).
     c.optim = ml_collections.ConfigDict()
-    c.optim.lr = 2e-3 if demo else (5e-6 if arg.llm == "qwen2_7b" else 2e-5)
+    c.optim.lr = 3e-3 if demo else (5e-6 if arg.llm == "qwen2_7b" else 2e-5)
     c.optim.warmup_ratio = 0.03
     c.optim.min_lr_ratio = 0.0
     c.optim.weight_decay = 0.0

@@ -14,6 +14,7 @@ data position.
 import dataclasses
 import functools
 import json
+import logging as std_logging
 import math
 import os
 import time
@@ -31,6 +32,7 @@ from tqdm import tqdm
 
 from longvid_jax import checkpoints, losses, optim, sharding
 from longvid_jax.input import pipeline
+from longvid_jax.input import tokenizer as tokenizer_lib
 from longvid_jax.models import video_llm
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config).",
@@ -166,6 +168,22 @@ def check_placeholders(batch: dict[str, np.ndarray], model_cfg) -> None:
                          f"{want.tolist()} for {frames.tolist()} frames")
 
 
+def check_vocabularies(config, model_cfg) -> None:
+    """Fails early if the tokenizer emits ids the LLM or the Q-Former cannot embed.
+
+    Raises:
+      ValueError: naming the tokenizer, its size and the too-small table.
+    """
+    tok_size = len(tokenizer_lib.load_tokenizer(config.input.tokenizer))
+    tables = {"model.llm.vocab_size": model_cfg.llm.vocab_size}
+    if model_cfg.compressor.text_input:
+        tables["model.qformer.vocab_size"] = model_cfg.compressor.qformer.vocab_size
+    for name, size in tables.items():
+        if tok_size > size:
+            raise ValueError(f"tokenizer {config.input.tokenizer!r} has {tok_size} tokens but "
+                             f"{name} is {size}")
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None = None,
         devices=None) -> dict:
     """Trains (or resumes) according to `config`, writing into `workdir`.
@@ -197,6 +215,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None 
     if config.input.batch_size % sharding.batch_size_divisor(trainer.mesh):
         raise ValueError(f"input.batch_size={config.input.batch_size} is not divisible by the "
                          f"{sharding.batch_size_divisor(trainer.mesh)} batch shards of the mesh")
+    check_vocabularies(config, trainer.model_cfg)
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(trainer.abstract_state["params"]))
     logging.info("model: %.2fM parameters", n_params / 1e6)
 
@@ -281,6 +300,9 @@ def main(argv):
         name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
         workdir = os.path.join("runs", name)
     logging.set_verbosity(logging.INFO)
+    # Orbax narrates every save at INFO; keep its warnings and errors only.
+    std_logging.getLogger("absl").addFilter(
+        lambda r: r.levelno >= std_logging.WARNING or "/orbax/" not in r.pathname)
     run(config, workdir)
 
 

@@ -2,9 +2,7 @@
 
 `log_mel_spectrogram` follows the NumPy path of `transformers.WhisperFeatureExtractor`
 (`_np_extract_fbank_features`, itself OpenAI Whisper's `audio.log_mel_spectrogram`), without the
-padding to 30 s. The slaney mel filter bank is computed here (the same formula as
-`librosa.filters.mel(norm="slaney", htk=False)` and transformers' `mel_filter_bank`) because
-importing librosa costs about a second in every worker process.
+padding to 30 s, built on `transformers.audio_utils` (`spectrogram`, `mel_filter_bank`).
 
 Letters: A audio frames (STFT hops), C mel bins, F video frames.
 """
@@ -12,70 +10,25 @@ Letters: A audio frames (STFT hops), C mel bins, F video frames.
 import functools
 
 import numpy as np
+from transformers import audio_utils
 
 _LOG_FLOOR = 1e-10  # Whisper's clamp before log10
 _DYNAMIC_RANGE = 8.0  # log10 units kept below the maximum
 
 
-def _hz_to_mel_slaney(hz: np.ndarray) -> np.ndarray:
-    """Slaney's mel scale: linear (3 mels / 200 Hz) below 1 kHz, logarithmic above."""
-    hz = np.asarray(hz, dtype=np.float64)
-    f_sp = 200.0 / 3.0
-    min_log_hz, min_log_mel = 1000.0, 1000.0 / f_sp
-    logstep = np.log(6.4) / 27.0
-    mel = hz / f_sp
-    high = hz >= min_log_hz
-    return np.where(high, min_log_mel + np.log(np.maximum(hz, min_log_hz) / min_log_hz) / logstep,
-                    mel)
-
-
-def _mel_to_hz_slaney(mel: np.ndarray) -> np.ndarray:
-    mel = np.asarray(mel, dtype=np.float64)
-    f_sp = 200.0 / 3.0
-    min_log_hz, min_log_mel = 1000.0, 1000.0 / f_sp
-    logstep = np.log(6.4) / 27.0
-    return np.where(mel >= min_log_mel, min_log_hz * np.exp(logstep * (mel - min_log_mel)),
-                    f_sp * mel)
-
-
 @functools.lru_cache(maxsize=16)
 def mel_filters(num_mel_bins: int, sample_rate: int, n_fft: int) -> np.ndarray:
-    """Slaney-normalised triangular mel filters from 0 Hz to sample_rate / 2.
+    """Slaney-normalised triangular mel filters from 0 Hz to sample_rate / 2 (Whisper's).
 
     Returns:
-        float64[C, n_fft // 2 + 1]; read-only (cached).
+        float64[n_fft // 2 + 1, C] (transformers' layout); read-only (cached).
     """
-    fft_hz = np.linspace(0.0, sample_rate / 2.0, 1 + n_fft // 2)
-    mel_pts = np.linspace(
-        _hz_to_mel_slaney(0.0), _hz_to_mel_slaney(sample_rate / 2.0), num_mel_bins + 2
-    )
-    hz_pts = _mel_to_hz_slaney(mel_pts)
-    widths = np.diff(hz_pts)
-    ramps = hz_pts[:, None] - fft_hz[None, :]
-    lower = -ramps[:-2] / widths[:-1, None]
-    upper = ramps[2:] / widths[1:, None]
-    weights = np.maximum(0.0, np.minimum(lower, upper))
-    weights *= (2.0 / (hz_pts[2:] - hz_pts[:-2]))[:, None]  # slaney: constant energy per filter
+    weights = audio_utils.mel_filter_bank(
+        num_frequency_bins=1 + n_fft // 2, num_mel_filters=num_mel_bins, min_frequency=0.0,
+        max_frequency=sample_rate / 2.0, sampling_rate=sample_rate, norm="slaney",
+        mel_scale="slaney")
     weights.setflags(write=False)
     return weights
-
-
-def _mel_power(waveform: np.ndarray, filters: np.ndarray, n_fft: int, hop_length: int,
-               num_frames: int, block: int = 4096) -> np.ndarray:
-    """Mel-filtered |STFT|^2 of the first `num_frames` frames: float64[C, num_frames].
-
-    Centred, reflect-padded framing (torch.stft(center=True)) with a periodic Hann window,
-    computed `block` frames at a time so an hour of audio needs only ~15 MB of scratch.
-    """
-    pad = n_fft // 2
-    x = np.pad(waveform.astype(np.float64), pad, mode="reflect")
-    frames = np.lib.stride_tricks.sliding_window_view(x, n_fft)[::hop_length][:num_frames]
-    window = 0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(n_fft) / n_fft)  # periodic Hann
-    out = np.empty((filters.shape[0], num_frames), np.float64)
-    for start in range(0, num_frames, block):
-        spec = np.fft.rfft(frames[start : start + block] * window, axis=-1)
-        out[:, start : start + block] = filters @ (spec.real**2 + spec.imag**2).T
-    return out
 
 
 def log_mel_spectrogram(
@@ -113,9 +66,11 @@ def log_mel_spectrogram(
         return np.zeros((num_mel_bins, 0), np.float32)
     if waveform.shape[0] <= n_fft // 2:  # too short to reflect-pad once: pad with zeros first
         waveform = np.pad(waveform, (0, n_fft // 2 + 1 - waveform.shape[0]))
-    filters = mel_filters(num_mel_bins, sample_rate, n_fft)
-    mel = _mel_power(waveform, filters, n_fft, hop_length, num_frames)  # [C, A]
-    log_spec = np.log10(np.maximum(mel, _LOG_FLOOR))
+    log_spec = audio_utils.spectrogram(
+        waveform.astype(np.float32), audio_utils.window_function(n_fft, "hann"),
+        frame_length=n_fft, hop_length=hop_length, power=2.0,
+        mel_filters=mel_filters(num_mel_bins, sample_rate, n_fft), log_mel="log10",
+        mel_floor=_LOG_FLOOR)[:, :num_frames]  # Whisper drops the last STFT frame
     log_spec = np.maximum(log_spec, log_spec.max() - _DYNAMIC_RANGE)
     return ((log_spec + 4.0) / 4.0).astype(np.float32)
 
