@@ -212,8 +212,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None 
     # --- Mesh, model, optimizer, shardings.
     trainer = Trainer.create(config, devices)
     logging.info("mesh %s", dict(trainer.mesh.shape))
-    if config.input.batch_size % sharding.batch_size_divisor(trainer.mesh):
-        raise ValueError(f"input.batch_size={config.input.batch_size} is not divisible by the "
+    global_batch = config.input.batch_size * jax.process_count()
+    if global_batch % sharding.batch_size_divisor(trainer.mesh):
+        raise ValueError(f"global batch {global_batch} (input.batch_size per process x "
+                         f"{jax.process_count()} processes) does not split into the "
                          f"{sharding.batch_size_divisor(trainer.mesh)} batch shards of the mesh")
     check_vocabularies(config, trainer.model_cfg)
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(trainer.abstract_state["params"]))
