@@ -22,6 +22,8 @@ ignored explicitly, e.g. `ignore=("model.decoder.", "proj_out.")`):
 
 Strict in the same way as `vit_keys.py` (unmapped, missing, duplicate keys and shape mismatches
 raise ValueError naming the key); arrays keep their dtype.
+
+`config_from_hf` reads the encoder's sizes from a transformers `WhisperConfig` dict.
 """
 
 from collections.abc import Iterable, Mapping
@@ -30,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from convert.vit_keys import Rule, block_rules, params_to_state, state_to_params
-from longvid_jax.models.audio import WhisperEncoderConfig
+from longvid_jax.models.audio import WhisperEncoderConfig, make_config
 
 _WHISPER_NAMES = {"ln1": "self_attn_layer_norm", "ln2": "final_layer_norm",
                   "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
@@ -81,3 +83,34 @@ def params_to_hf(params: Mapping[str, Any], cfg: WhisperEncoderConfig, *,
       ValueError: see `convert.vit_keys.params_to_state`.
     """
     return params_to_state(params, rules(cfg), prefix=prefix, num_layers=cfg.depth)
+
+
+def config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> WhisperEncoderConfig:
+    """`WhisperEncoderConfig` from a transformers `WhisperConfig` dict (config.json or
+    `WhisperConfig().to_dict()`); only the encoder's fields are read.
+
+    Fields: `num_mel_bins` -> num_mel_bins, `d_model` -> width, `encoder_layers` -> depth,
+    `encoder_attention_heads` -> num_heads, `encoder_ffn_dim` -> mlp_dim,
+    `max_source_positions` -> max_positions, `activation_function` -> act. The LayerNorm eps
+    is PyTorch's default 1e-5 (HF's Whisper has no field for it); `scale_embedding` is ignored
+    because HF's encoder never applies its `embed_scale`.
+
+    Args:
+      hf_config: the parsed config.json (model_type "whisper").
+      **overrides: further `WhisperEncoderConfig` fields (dtype, remat, attention_impl, ...).
+
+    Raises:
+      ValueError: another model_type, a missing field, an unknown activation or override.
+    """
+    c = dict(hf_config)
+    if c.get("model_type") != "whisper":
+        raise ValueError(f"unsupported model_type {c.get('model_type')!r}; expected 'whisper'")
+    names = {"num_mel_bins": "num_mel_bins", "d_model": "width", "encoder_layers": "depth",
+             "encoder_attention_heads": "num_heads", "encoder_ffn_dim": "mlp_dim",
+             "max_source_positions": "max_positions", "activation_function": "act"}
+    missing = sorted(k for k in names if k not in c)
+    if missing:
+        raise ValueError(f"WhisperConfig dict lacks {missing}")
+    fields = {ours: c[hf] for hf, ours in names.items()}
+    fields.update(overrides)
+    return make_config(**fields)

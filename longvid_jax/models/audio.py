@@ -1,4 +1,6 @@
-"""Audio encoders: the Whisper encoder (LongVALE's speech tower).
+"""Audio encoders: the Whisper encoder (LongVALE's speech tower) here, and BEATs (TDC's and
+LongVALE's audio tower), which lives in `longvid_jax.models.beats` and is re-exported here as
+`BEATs`, `BEATsConfig` and the module `beats` (`beats.make_config("iter3_as2m")`).
 
 Follows `transformers` `WhisperEncoder` (models/whisper/modeling_whisper.py) and Radford et al.
 2022, "Robust Speech Recognition via Large-Scale Weak Supervision", section 2.2: two 1-D
@@ -20,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from longvid_jax.models import ACT_BTD, CONV, EMBED
+from longvid_jax.models import ACT_BTD, CONV, EMBED, beats  # noqa: F401  (beats re-exported)
+from longvid_jax.models.beats import BEATs, BEATsConfig  # noqa: F401  (re-exported)
 from longvid_jax.models.layers import Einsum, LayerNorm, activation
 from longvid_jax.models.vit import EncoderStack, config_from_variant
 
