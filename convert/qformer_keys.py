@@ -15,17 +15,23 @@ Every rule pairs a source-key template with a param-path template (placeholders 
 tensor's shape is checked against the param tree of the model (`jax.eval_shape` of its init).
 Unmapped, missing or duplicate keys and shape mismatches raise ValueError naming the key.
 
+The `transformers` entry points follow the import/export CLI contract: `config_from_hf(d)` reads
+a Blip2QFormerConfig / InstructBlipQFormerConfig dict or a full Blip2Config / InstructBlipConfig
+(with `qformer_config`); `hf_to_params(state, cfg)` / `params_to_hf(params, cfg)` infer the
+flavor from the config (no vocabulary = blip2) and map `query_tokens` when the config has learned
+queries. State dicts may be mappings or streams of (key, tensor) pairs.
+
 Usage:
   params = tdc_to_params(state_dict, tdc_config)            # {'qformer': ..., 'query_proj': ...}
   state_dict = params_to_tdc(params, tdc_config)
-  params = hf_to_params(sd, qformer_config, flavor="instructblip", prefix="qformer.",
-                        query_tokens_key="query_tokens")
+  cfg = config_from_hf(blip2_config_dict)                    # num_queries = num_query_tokens
+  params = hf_to_params(sd, cfg, prefix="qformer.")          # + sd["query_tokens"]
 """
 
 import dataclasses
 import functools
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -33,7 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from longvid_jax.models.qformer import QFormer, QFormerConfig, TDCCompressor, TDCCompressorConfig
+from longvid_jax.models.qformer import (QFormer, QFormerConfig, TDCCompressor, TDCCompressorConfig,
+                                        make_config)
 
 _PLACEHOLDERS = {"i": r"\d+", "p": r"query|key|value", "any": r".+"}
 
@@ -241,12 +248,13 @@ def _match(rules: list[Rule], key: str) -> tuple[Rule, dict[str, str]] | None:
     return hits[0] if hits else None
 
 
-def import_params(state_dict: Mapping[str, Any], rules: list[Rule],
+def import_params(state_dict: Mapping[str, Any] | Iterable[tuple[str, Any]], rules: list[Rule],
                   expected: Mapping[str, jax.ShapeDtypeStruct]) -> dict[str, Any]:
     """Maps a torch-style state dict to a nested param dict with the rules (strict).
 
     Args:
-      state_dict: key -> tensor (numpy, torch or jax).
+      state_dict: key -> tensor (numpy, torch or jax), or an iterable of (key, tensor) pairs
+        (e.g. streamed safetensors shards).
       rules: the key table.
       expected: flat '/'-path -> ShapeDtypeStruct of every param to fill.
 
@@ -259,7 +267,8 @@ def import_params(state_dict: Mapping[str, Any], rules: list[Rule],
     """
     flat: dict[str, np.ndarray] = {}
     origin: dict[str, str] = {}
-    for key, value in state_dict.items():
+    items = state_dict.items() if isinstance(state_dict, Mapping) else state_dict
+    for key, value in items:
         hit = _match(rules, key)
         if hit is None:
             raise ValueError(f"unmapped key {key!r}")
@@ -375,22 +384,109 @@ def params_to_lavis(params: Mapping[str, Any], cfg: QFormerConfig, prefix: str =
     return export_params(params, rules, qformer_param_shapes(cfg))
 
 
-def hf_to_params(state_dict: Mapping[str, Any], cfg: QFormerConfig, *, flavor: str,
-                 prefix: str = "", query_tokens_key: str | None = None) -> dict[str, Any]:
+_AUTO = "auto"
+
+
+def _hf_args(cfg: QFormerConfig, flavor: str | None, query_tokens_key: str | None
+             ) -> tuple[str, str | None]:
+    if flavor is None:
+        flavor = "blip2" if cfg.vocab_size == 0 else "instructblip"
+    if query_tokens_key == _AUTO:
+        query_tokens_key = "query_tokens" if cfg.num_queries > 0 else None
+    return flavor, query_tokens_key
+
+
+def hf_to_params(state_dict: Mapping[str, Any] | Iterable[tuple[str, Any]], cfg: QFormerConfig,
+                 *, flavor: str | None = None, prefix: str = "",
+                 query_tokens_key: str | None = _AUTO) -> dict[str, Any]:
     """`transformers` Blip2QFormerModel / InstructBlipQFormerModel state dict -> QFormer params.
 
     Args:
       state_dict: the Q-Former's keys under `prefix` (e.g. `qformer.` in Blip2Model), plus
-        `query_tokens_key` when given.
-      cfg: our config (`vocab_size=0` for blip2).
-      flavor: `blip2` or `instructblip`.
+        `query_tokens_key` when given; a mapping or (key, tensor) pairs.
+      cfg: our config (`vocab_size=0` for blip2), e.g. from `config_from_hf`.
+      flavor: `blip2` or `instructblip`; None = `blip2` when `cfg.vocab_size == 0`, else
+        `instructblip`.
+      prefix: key prefix of the Q-Former.
+      query_tokens_key: key of the [1, Q, D] learned queries (Blip2Model / InstructBlipModel
+        `query_tokens`); default: `query_tokens` when `cfg.num_queries > 0`, else none.
+
+    Raises:
+      ValueError: naming the key, see `import_params`.
     """
+    flavor, query_tokens_key = _hf_args(cfg, flavor, query_tokens_key)
     return import_params(state_dict, hf_rules(flavor, prefix, query_tokens_key=query_tokens_key),
                          qformer_param_shapes(cfg))
 
 
-def params_to_hf(params: Mapping[str, Any], cfg: QFormerConfig, *, flavor: str,
-                 prefix: str = "", query_tokens_key: str | None = None) -> dict[str, np.ndarray]:
-    """QFormer params -> `transformers` state dict (loads with `strict=True`)."""
+def params_to_hf(params: Mapping[str, Any], cfg: QFormerConfig, *, flavor: str | None = None,
+                 prefix: str = "", query_tokens_key: str | None = _AUTO
+                 ) -> dict[str, np.ndarray]:
+    """QFormer params -> `transformers` state dict (loads with `strict=True`); arguments as in
+    `hf_to_params`."""
+    flavor, query_tokens_key = _hf_args(cfg, flavor, query_tokens_key)
     return export_params(params, hf_rules(flavor, prefix, query_tokens_key=query_tokens_key),
                          qformer_param_shapes(cfg))
+
+
+# HF config field -> (our field, HF default: Blip2QFormerConfig / InstructBlipQFormerConfig).
+_HF_FIELDS = {
+    "hidden_size": ("width", 768),
+    "num_hidden_layers": ("depth", 12),
+    "num_attention_heads": ("num_heads", 12),
+    "intermediate_size": ("mlp_dim", 3072),
+    "encoder_hidden_size": ("encoder_width", 1408),
+    "cross_attention_frequency": ("cross_attention_freq", 2),
+    "max_position_embeddings": ("max_positions", 512),
+    "layer_norm_eps": ("ln_eps", 1e-12),
+    "hidden_act": ("act", "gelu"),
+}
+_BLIP2_TYPES = ("blip_2_qformer", "blip-2", "blip_2")
+_INSTRUCTBLIP_TYPES = ("instructblip_qformer", "instructblip")
+
+
+def config_from_hf(hf_config: Mapping[str, Any], **overrides) -> QFormerConfig:
+    """`QFormerConfig` from a `transformers` config dict (`config.json` / `to_dict()`).
+
+    Accepts a `Blip2QFormerConfig` (model_type `blip_2_qformer`: no text input, `vocab_size`
+    0) or `InstructBlipQFormerConfig` (`instructblip_qformer`: text embeddings kept), or a full
+    `Blip2Config` / `InstructBlipConfig` (`blip-2` / `instructblip`) holding `qformer_config`:
+    then `num_queries` is its `num_query_tokens` (the learned `query_tokens` of Blip2Model /
+    InstructBlipModel) and `encoder_width` its `vision_config.hidden_size` (as the HF config's
+    post-init sets it). A bare Q-Former config gets `num_queries=0` (the HF Q-Former models
+    take `query_embeds` as input). Missing fields take the HF defaults.
+
+    Args:
+      hf_config: the config dict.
+      **overrides: fields of `QFormerConfig` to set afterwards (e.g. dtype).
+
+    Raises:
+      ValueError: for another model_type, or a Blip2 Q-Former with `use_qformer_text_input`
+        (its text embeddings live outside Blip2QFormerModel; not supported).
+    """
+    d = dict(hf_config)
+    model_type = d.get("model_type", "")
+    num_queries = 0
+    if "qformer_config" in d:
+        q = dict(d["qformer_config"] or {})
+        num_queries = int(d.get("num_query_tokens", 32))
+        vision = d.get("vision_config") or {}
+        if "hidden_size" in vision:
+            q["encoder_hidden_size"] = vision["hidden_size"]
+        q.setdefault("model_type", {"blip-2": "blip_2_qformer",
+                                    "instructblip": "instructblip_qformer"}.get(model_type, ""))
+        d = q
+        model_type = d["model_type"]
+    if model_type in _BLIP2_TYPES:
+        if d.get("use_qformer_text_input", False):
+            raise ValueError("Blip2 Q-Former with use_qformer_text_input is not supported")
+        vocab = 0
+    elif model_type in _INSTRUCTBLIP_TYPES:
+        vocab = int(d.get("vocab_size", 30522))
+    else:
+        raise ValueError(f"not a Blip2 / InstructBlip (Q-Former) config: model_type "
+                         f"{model_type!r}")
+    kw = {ours: d.get(hf, default) for hf, (ours, default) in _HF_FIELDS.items()}
+    kw.update(num_queries=num_queries, vocab_size=vocab)
+    kw.update(overrides)
+    return make_config(**kw)

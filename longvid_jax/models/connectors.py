@@ -7,6 +7,10 @@
 - `pool_tokens_2d`: reduce a row-major grid of patch tokens (LLaVA-Video / LongVA `get_2dPool`,
   MMDuet pooling stride).
 
+The Cambrian SVA connector of TDC (multi-tower local cross-attention, then `MLPProjector`) is in
+`longvid_jax/models/sva.py`; TimeChat's sliding video Q-Former with `llama_proj` in
+`longvid_jax/models/timechat.py`.
+
 Weights are stored as `kernel[E, D]` (input axis first), i.e. the transpose of torch's
 `Linear.weight[D, E]`; `convert/` does the transposition.
 """

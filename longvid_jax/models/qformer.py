@@ -16,6 +16,10 @@ and chunks: the first frame of every chunk is kept whole (static), every other f
 L2-normalised Q-Former tokens queried by the avg-pooled static frame, and every frame block ends
 with the learned `frame_seg` separator.
 
+TimeChat's frame Q-Former is `QFormer` itself (variant `timechat_frame`, the timestamp sentence
+as text, the whole last hidden state used); its sliding video Q-Former, which wraps `QFormer`
+(variant `timechat_video`), is in `longvid_jax/models/timechat.py`.
+
 Parameter tree of `QFormer` (LAVIS key in brackets, see `convert/qformer_keys.py`):
   query_tokens [Q, D]                       (query_tokens [1, Q, D])
   word_embeddings [V, D], position_embeddings [max_positions, D]   (embeddings.*_embeddings)
@@ -118,7 +122,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "tdc": dict(num_queries=0),
     # TimeChat (ORIGINALS.md, shared building blocks): frame Q-Former over EVA ViT-g, and the
     # 2-layer video Q-Former without text.
-    "timechat_frame": dict(num_queries=32, encoder_width=1408, cross_attention_freq=2),
+    # TimeChat resizes the frame Q-Former's vocabulary to the BERT tokenizer + `[DEC]` (30523).
+    "timechat_frame": dict(num_queries=32, encoder_width=1408, cross_attention_freq=2,
+                           vocab_size=30523),
     "timechat_video": dict(depth=2, num_queries=32, encoder_width=768, cross_attention_freq=1,
                            vocab_size=0),
     # Test size (the fixtures' tiny BERT).

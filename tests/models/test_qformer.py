@@ -363,3 +363,61 @@ def test_lavis_and_ownership_helpers():
     assert qformer_keys.tdc_owns("model.frame_seg")
     assert not qformer_keys.tdc_owns("model.frame_segment")
     assert not qformer_keys.tdc_owns("model.mm_projector.0.weight")
+
+
+# ---------------------------------------------------------------------------------------------
+# config_from_hf and the HF import / export defaults
+# ---------------------------------------------------------------------------------------------
+
+_HF_Q = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
+             encoder_hidden_size=24, cross_attention_frequency=1, max_position_embeddings=64,
+             vocab_size=49)
+
+
+def test_config_from_hf():
+    from transformers import (Blip2Config, Blip2QFormerConfig, InstructBlipConfig,
+                              InstructBlipQFormerConfig)
+
+    def sizes(c):
+        return (c.width, c.depth, c.num_heads, c.mlp_dim, c.encoder_width,
+                c.cross_attention_freq, c.max_positions, c.vocab_size, c.num_queries)
+
+    c = qformer_keys.config_from_hf(Blip2QFormerConfig(**_HF_Q).to_dict())
+    assert sizes(c) == (32, 3, 4, 64, 24, 1, 64, 0, 0)  # no text, queries supplied
+    c = qformer_keys.config_from_hf(InstructBlipQFormerConfig(**_HF_Q).to_dict(),
+                                    dtype="bfloat16")
+    assert sizes(c) == (32, 3, 4, 64, 24, 1, 64, 49, 0) and c.dtype == "bfloat16"
+    full = Blip2Config(num_query_tokens=5, vision_config=dict(hidden_size=40),
+                       qformer_config=_HF_Q).to_dict()
+    assert sizes(qformer_keys.config_from_hf(full)) == (32, 3, 4, 64, 40, 1, 64, 0, 5)
+    # InstructBLIP defaults are our bert_base variant (EVA ViT-g width, 32 learned queries).
+    assert qformer_keys.config_from_hf(InstructBlipConfig().to_dict()) == qformer.make_config(
+        "bert_base")
+    with pytest.raises(ValueError, match="model_type"):
+        qformer_keys.config_from_hf({"model_type": "bert", "hidden_size": 32})
+    with pytest.raises(ValueError, match="use_qformer_text_input"):
+        qformer_keys.config_from_hf(Blip2QFormerConfig(use_qformer_text_input=True).to_dict())
+
+
+@pytest.mark.parametrize("flavor", ["blip2", "instructblip"])
+def test_hf_keys_default_arguments_round_trip(flavor):
+    """`hf_to_params(state, cfg)` as the import CLI calls it: flavor from the config, learned
+    queries under `query_tokens`, state given as a stream of pairs; bitwise round trip."""
+    from transformers import (Blip2Config, Blip2QFormerModel, InstructBlipConfig,
+                              InstructBlipQFormerModel)
+
+    full_cls, model_cls = ((Blip2Config, Blip2QFormerModel) if flavor == "blip2"
+                           else (InstructBlipConfig, InstructBlipQFormerModel))
+    full = full_cls(num_query_tokens=3, vision_config=dict(hidden_size=24),
+                    qformer_config=_HF_Q)
+    cfg = qformer_keys.config_from_hf(full.to_dict())
+    torch.manual_seed(0)
+    ref = model_cls(full.qformer_config)
+    state = {"qformer." + k: v.numpy() for k, v in ref.state_dict().items()}
+    state["query_tokens"] = np.random.default_rng(0).normal(size=(1, 3, 32)).astype(np.float32)
+    params = qformer_keys.hf_to_params(iter(state.items()), cfg, prefix="qformer.")
+    assert ("word_embeddings" in params) == (flavor == "instructblip")
+    back = qformer_keys.params_to_hf(params, cfg, prefix="qformer.")
+    assert set(back) == {k for k in state if not k.endswith("position_ids")}
+    for k, v in back.items():
+        np.testing.assert_array_equal(v, state[k], err_msg=k)
