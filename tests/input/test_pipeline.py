@@ -4,7 +4,6 @@ import functools
 import json
 import logging
 import operator
-import time
 
 import ml_collections
 import numpy as np
@@ -195,11 +194,8 @@ def test_three_minute_video_example(media_dir, qwen2):
                                   num_mel_bins=16, length_buckets=(512,))
     record = {"video": str(media_dir / "wannaworktogether.mp4"), "conversations": CONVS[0],
               "_index": 0, "_source": "inline"}
-    start = time.perf_counter()
     example = DecodeExample(cfg=cfg, num_video_tokens=video_tokens).map(record)
-    elapsed = time.perf_counter() - start
     assert "_failed" not in example, example
-    assert elapsed < 10, f"{elapsed:.1f} s"
     assert example["frames"].shape == (32, 32, 32, 3) and example["frame_mask"].all()
     ts = example["timestamps"]
     assert ts[0] == 0 and (np.diff(ts) > 4).all() and 179 < ts[-1] < 180.3
