@@ -1,9 +1,17 @@
-"""Vision transformers: the SigLIP family (pre-LN ViT with learned position embeddings).
+"""Vision transformers: shared ViT parts and the SigLIP tower.
 
-Follows `transformers` `SiglipVisionModel` (models/siglip/modeling_siglip.py): a patch embedding
-(a stride-p convolution), learned position embeddings, pre-LN encoder blocks (LayerNorm,
-multi-head attention with q/k/v/o biases, residual, LayerNorm, MLP fc1-act-fc2, residual) and a
-final `post_layernorm`. The attention-pooling `head` is not built (no system here uses it).
+This file holds what every ViT family shares: the config helper `config_from_variant`, PyTorch
+`F.interpolate` resampling for position embeddings (`resize_matrix`, `interpolate_grid`), the
+patch embedding and class-token helpers (`patch_embed`, `cls_and_positions`) and the pre-LN
+encoder block and stack (`EncoderBlock`, `EncoderStack`: biases, LayerScale and SwiGLU as
+flags). The families built on them live beside it: `clip.py` (CLIP vision), `dinov2.py`
+(DINOv2), `eva.py` (EVA ViT-g); `audio.py` reuses the stack for Whisper.
+
+The SigLIP tower (`ViT`) follows `transformers` `SiglipVisionModel`
+(models/siglip/modeling_siglip.py): a patch embedding (a stride-p convolution), learned
+position embeddings, pre-LN encoder blocks (LayerNorm, multi-head attention with q/k/v/o
+biases, residual, LayerNorm, MLP fc1-act-fc2, residual) and a final `post_layernorm`. The
+attention-pooling `head` is not built (no system here uses it).
 
 Which output a system reads is config:
 
@@ -31,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from longvid_jax.models import (ACT_BTD, CONV, EMBED, HEAD_DIM, HEADS, LAYERS, MLP)
+from longvid_jax.models import ACT_BTD, CONV, EMBED, HEAD_DIM, HEADS, LAYERS, MLP, NORM
 from longvid_jax.models.attention import dot_product_attention
 from longvid_jax.models.layers import Einsum, LayerNorm, activation
 
@@ -222,18 +230,32 @@ def interpolate_grid(x: Float[Array, "i j D"], size: tuple[int, int],
 
 
 # --------------------------------------------------------------------------------------------
-# Shared pre-LN encoder block (SigLIP, Whisper).
+# Shared pre-LN encoder block (SigLIP, CLIP, DINOv2, EVA, Whisper).
+
+
+FFN_TYPES = ("mlp", "swiglu")
 
 
 class EncoderBlock(nn.Module):
-    """Pre-LN transformer encoder layer: x + attn(ln1(x)); then x + mlp(ln2(x)).
+    """Pre-LN transformer encoder layer: x + ls1 * attn(ln1(x)); then x + ls2 * ffn(ln2(x)).
 
-    Bidirectional multi-head attention (no mask), q/v/o with biases, k with a bias unless
-    `k_bias=False` (Whisper). Matches `SiglipEncoderLayer` and `WhisperEncoderLayer`.
+    Bidirectional multi-head attention (no mask). Matches `SiglipEncoderLayer`,
+    `CLIPEncoderLayer`, `WhisperEncoderLayer` (k without bias), `Dinov2Layer` (LayerScale,
+    optionally SwiGLU) and LAVIS EVA `Block` (k without bias, no LayerScale).
 
-    Parameters: `ln1`, `ln2` (scale, bias [D]); `q`, `k`, `v` kernel (D, N, H), bias (N, H);
-    `o` kernel (N, H, D), bias (D,); `fc1` kernel (D, M), bias (M,); `fc2` kernel (M, D),
-    bias (D,).
+    Parameters: `ln1`, `ln2` (scale, bias [D]); `q`, `k`, `v` kernel (D, N, H), bias (N, H)
+    when `qkv_bias` (k's also needs `k_bias`); `o` kernel (N, H, D), bias (D,); with
+    `ffn="mlp"`: `fc1` kernel (D, M), bias (M,), `fc2` kernel (M, D), bias (D,); with
+    `ffn="swiglu"`: `gate`, `up` kernel (D, M), bias (M,), `down` kernel (M, D), bias (D,);
+    with `layer_scale`: `ls1`, `ls2` (D,) [NORM].
+
+    Attributes:
+      act: MLP activation name (`ffn="mlp"` only; SwiGLU always uses SiLU, as HF's
+        `Dinov2SwiGLUFFN`).
+      k_bias: the k projection has a bias (False: Whisper, EVA).
+      qkv_bias: the q, k, v projections have biases (DINOv2 `qkv_bias`).
+      layer_scale: multiply each branch's output by a learned vector (DINOv2 LayerScale).
+      ffn: `"mlp"` (fc1-act-fc2) or `"swiglu"` (`down(silu(gate(x)) * up(x))`).
     """
 
     width: int
@@ -242,6 +264,9 @@ class EncoderBlock(nn.Module):
     act: str
     ln_eps: float
     k_bias: bool = True
+    qkv_bias: bool = True
+    layer_scale: bool = False
+    ffn: str = "mlp"
     attention_impl: str = "xla"
     collect_output: bool = False
     dtype: Dtype = jnp.float32
@@ -257,32 +282,51 @@ class EncoderBlock(nn.Module):
         Returns:
           ([B, T, D] in the compute dtype, aux); aux is `{"output": out}` when
           `collect_output` (so that `nn.scan` stacks the per-layer outputs), else `{}`.
+
+        Raises:
+          ValueError: for an unknown `ffn`.
         """
-        d, n = self.width, self.num_heads
+        d, n, m = self.width, self.num_heads, self.mlp_dim
         h = d // n
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = nn.with_logical_constraint(x, ACT_BTD)
 
         y = LayerNorm(eps=self.ln_eps, param_dtype=self.param_dtype, name="ln1")(x)
         qkv_axes = (EMBED, HEADS, HEAD_DIM)
-        q = Einsum((d, n, h), qkv_axes, bias_axes=(HEADS, HEAD_DIM), name="q", **kw)
-        k = Einsum((d, n, h), qkv_axes, bias_axes=(HEADS, HEAD_DIM) if self.k_bias else None,
-                   name="k", **kw)
-        v = Einsum((d, n, h), qkv_axes, bias_axes=(HEADS, HEAD_DIM), name="v", **kw)
+        bias = (HEADS, HEAD_DIM) if self.qkv_bias else None
+        q = Einsum((d, n, h), qkv_axes, bias_axes=bias, name="q", **kw)
+        k = Einsum((d, n, h), qkv_axes, bias_axes=bias if self.k_bias else None, name="k", **kw)
+        v = Einsum((d, n, h), qkv_axes, bias_axes=bias, name="v", **kw)
         o = Einsum((n, h, d), (HEADS, HEAD_DIM, EMBED), bias_axes=(EMBED,), fan_in_axes=(0, 1),
                    name="o", **kw)
         attn = dot_product_attention(q("BTD,DNH->BTNH", y), k("BSD,DNH->BSNH", y),
                                      v("BSD,DNH->BSNH", y), implementation=self.attention_impl)
-        x = x + o("BTNH,NHD->BTD", attn)
+        x = x + self._scale("ls1", o("BTNH,NHD->BTD", attn))
 
         y = LayerNorm(eps=self.ln_eps, param_dtype=self.param_dtype, name="ln2")(x)
-        y = Einsum((d, self.mlp_dim), (EMBED, MLP), bias_axes=(MLP,), name="fc1", **kw)(
-            "BTD,DM->BTM", y)
-        y = activation(self.act)(y)
-        y = Einsum((self.mlp_dim, d), (MLP, EMBED), bias_axes=(EMBED,), name="fc2", **kw)(
-            "BTM,MD->BTD", y)
-        x = nn.with_logical_constraint(x + y, ACT_BTD)
+        if self.ffn == "mlp":
+            y = Einsum((d, m), (EMBED, MLP), bias_axes=(MLP,), name="fc1", **kw)("BTD,DM->BTM", y)
+            y = activation(self.act)(y)
+            y = Einsum((m, d), (MLP, EMBED), bias_axes=(EMBED,), name="fc2", **kw)(
+                "BTM,MD->BTD", y)
+        elif self.ffn == "swiglu":
+            gate = Einsum((d, m), (EMBED, MLP), bias_axes=(MLP,), name="gate", **kw)(
+                "BTD,DM->BTM", y)
+            up = Einsum((d, m), (EMBED, MLP), bias_axes=(MLP,), name="up", **kw)("BTD,DM->BTM", y)
+            y = Einsum((m, d), (MLP, EMBED), bias_axes=(EMBED,), name="down", **kw)(
+                "BTM,MD->BTD", jax.nn.silu(gate) * up)
+        else:
+            raise ValueError(f"unknown ffn {self.ffn!r}; known: {FFN_TYPES}")
+        x = nn.with_logical_constraint(x + self._scale("ls2", y), ACT_BTD)
         return x, ({"output": x} if self.collect_output else {})
+
+    def _scale(self, name: str, y: jax.Array) -> jax.Array:
+        """`y * <name>` (a learned [D] LayerScale vector) when `layer_scale`, else `y`."""
+        if not self.layer_scale:
+            return y
+        gamma = self.param(name, nn.with_logical_partitioning(nn.initializers.ones, (NORM,)),
+                           (self.width,), self.param_dtype)
+        return y * gamma.astype(y.dtype)
 
 
 class EncoderStack(nn.Module):
@@ -305,6 +349,9 @@ class EncoderStack(nn.Module):
     act: str
     ln_eps: float
     k_bias: bool = True
+    qkv_bias: bool = True
+    layer_scale: bool = False
+    ffn: str = "mlp"
     attention_impl: str = "xla"
     remat: bool = False
     collect: bool = False
@@ -320,9 +367,88 @@ class EncoderStack(nn.Module):
                           length=self.num_layers, metadata_params={nn.PARTITION_NAME: LAYERS})
         x, aux = scanned(width=self.width, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
                          act=self.act, ln_eps=self.ln_eps, k_bias=self.k_bias,
+                         qkv_bias=self.qkv_bias, layer_scale=self.layer_scale, ffn=self.ffn,
                          attention_impl=self.attention_impl, collect_output=self.collect,
                          dtype=self.dtype, param_dtype=self.param_dtype, name="layers")(x)
         return x, (aux["output"] if self.collect else None)
+
+
+# --------------------------------------------------------------------------------------------
+# Embeddings shared by the towers.
+
+
+def patch_embed(images: Float[Array, "B Hpx Wpx C"], *, patch_size: int, width: int,
+                num_channels: int, bias: bool, dtype: Dtype, param_dtype: Dtype,
+                name: str = "patch_embed") -> tuple[Float[Array, "B P D"], tuple[int, int]]:
+    """The stride-p patch convolution as one einsum; call inside a compact module.
+
+    Creates the `Einsum` `name` (kernel (p, p, C, D) [None, None, CONV, EMBED], bias (D,) if
+    `bias`) in the calling module. Trailing rows / columns of pixels that do not fill a patch
+    are dropped, as PyTorch's VALID convolution does.
+
+    Args:
+      images: float[B, Hpx, Wpx, C], channels-last; cast to `dtype`.
+
+    Returns:
+      (patch embeddings [B, P, D] in `dtype`, P = gh * gw row-major; the grid (gh, gw)).
+
+    Raises:
+      ValueError: if C differs from `num_channels` or an image is smaller than a patch.
+    """
+    b, hpx, wpx, c = images.shape
+    p = patch_size
+    if c != num_channels:
+        raise ValueError(f"expected {num_channels} channels, got images {images.shape}")
+    gh, gw = hpx // p, wpx // p
+    if gh == 0 or gw == 0:
+        raise ValueError(f"images {images.shape} smaller than one {p}x{p} patch")
+    x = images[:, :gh * p, :gw * p].astype(dtype)
+    x = x.reshape(b, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5)
+    x = x.reshape(b, gh * gw, p, p, c)  # [B, P, y, x, C]
+    x = Einsum((p, p, c, width), (None, None, CONV, EMBED),
+               bias_axes=(EMBED,) if bias else None, fan_in_axes=(0, 1, 2), dtype=dtype,
+               param_dtype=param_dtype, name=name)("BPyxC,yxCD->BPD", x)
+    return x, (gh, gw)
+
+
+def resize_positions(pos: Float[Array, "Pin D"], grid: int, size: tuple[int, int],
+                     method: str) -> Float[Array, "P D"]:
+    """A `grid x grid` row-major position table [grid**2, D] resized to `size` = (gh, gw).
+
+    Returned unchanged when `size == (grid, grid)` (the resampling would be the identity);
+    otherwise `interpolate_grid` (float32, PyTorch `F.interpolate(size=...)` semantics).
+    """
+    if tuple(size) == (grid, grid):
+        return pos
+    d = pos.shape[-1]
+    return interpolate_grid(pos.reshape(grid, grid, d), size, method).reshape(-1, d)
+
+
+def cls_and_positions(module: nn.Module, x: Float[Array, "B P D"], size: tuple[int, int], *,
+                      grid: int, method: str, dtype: Dtype, param_dtype: Dtype
+                      ) -> Float[Array, "B T D"]:
+    """Prepends a class token and adds position embeddings whose row 0 is the class token's.
+
+    Creates, in `module` (a compact module whose `__call__` is running), `cls_token` (D,)
+    [EMBED] and `pos_embedding` (1 + grid**2, D) [None, EMBED]. The grid rows are resized to
+    `size` with `resize_positions` (the HF `interpolate_pos_encoding` rule of CLIP and DINOv2:
+    bicubic, `align_corners=False`, no antialiasing, by output size); the class row is kept.
+
+    Args:
+      x: patch embeddings [B, P, D], P = gh * gw.
+      size: the patch grid (gh, gw).
+
+    Returns:
+      [B, T, D] in `dtype`, T = 1 + P: `[cls; x] + positions`.
+    """
+    b, _, d = x.shape
+    cls = module.param("cls_token", nn.with_logical_partitioning(
+        nn.initializers.normal(0.02), (EMBED,)), (d,), param_dtype)
+    pos = module.param("pos_embedding", nn.with_logical_partitioning(
+        nn.initializers.normal(0.02), (None, EMBED)), (1 + grid * grid, d), param_dtype)
+    pos = jnp.concatenate([pos[:1], resize_positions(pos[1:], grid, size, method)], axis=0)
+    x = jnp.concatenate([jnp.broadcast_to(cls.astype(dtype), (b, 1, d)), x.astype(dtype)], 1)
+    return nn.with_logical_constraint(x + pos.astype(dtype)[None], ACT_BTD)
 
 
 # --------------------------------------------------------------------------------------------
@@ -371,27 +497,15 @@ class ViT(nn.Module):
         """
         cfg = self.config
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-        b, hpx, wpx, c = images.shape
-        p, d, g = cfg.patch_size, cfg.width, cfg.grid
-        if c != cfg.num_channels:
-            raise ValueError(f"expected {cfg.num_channels} channels, got images {images.shape}")
-        gh, gw = hpx // p, wpx // p
-        if gh == 0 or gw == 0:
-            raise ValueError(f"images {images.shape} smaller than one {p}x{p} patch")
-
-        x = images[:, :gh * p, :gw * p].astype(dtype)
-        x = x.reshape(b, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5)
-        x = x.reshape(b, gh * gw, p, p, c)  # [B, P, y, x, C]
-        x = Einsum((p, p, c, d), (None, None, CONV, EMBED), bias_axes=(EMBED,),
-                   fan_in_axes=(0, 1, 2), dtype=dtype, param_dtype=pdtype,
-                   name="patch_embed")("BPyxC,yxCD->BPD", x)
+        d, g = cfg.width, cfg.grid
+        x, size = patch_embed(images, patch_size=cfg.patch_size, width=d,
+                              num_channels=cfg.num_channels, bias=True, dtype=dtype,
+                              param_dtype=pdtype)
         pos = self.param("pos_embedding",
                          nn.with_logical_partitioning(nn.initializers.normal(d**-0.5),
                                                       (None, EMBED)),
                          (g * g, d), pdtype)
-        if (gh, gw) != (g, g):
-            pos = interpolate_grid(pos.reshape(g, g, d), (gh, gw), cfg.pos_interp)
-            pos = pos.reshape(gh * gw, d)
+        pos = resize_positions(pos, g, size, cfg.pos_interp)
         x = nn.with_logical_constraint(x + pos.astype(dtype)[None], ACT_BTD)
 
         x0 = x

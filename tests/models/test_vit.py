@@ -1,4 +1,5 @@
-"""Tests of `longvid_jax/models/vit.py` on its own (HF parity: tests/parity/test_vit_parity.py)."""
+"""Tests of `longvid_jax/models/vit.py` and the families on it (clip, dinov2, eva) on their own
+(HF parity: tests/parity/test_{vit,dinov2,clip,eva}_parity.py)."""
 
 import dataclasses
 import functools
@@ -11,7 +12,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as PS
 
-from longvid_jax.models import ACT_BATCH, EMBED, HEADS, LAYERS, MLP, vit
+from longvid_jax.models import ACT_BATCH, EMBED, HEADS, LAYERS, MLP, clip, dinov2, eva, vit
 
 TINY = vit.make_config("tiny")
 
@@ -168,3 +169,100 @@ def test_bad_inputs_raise(params):
         _apply(TINY, params, _images((1, 32, 32, 1)))
     with pytest.raises(ValueError, match="smaller than one"):
         _apply(TINY, params, _images((1, 4, 32, 3)))
+
+
+# --------------------------------------------------------------------------------------------
+# Shared block options and the CLS-token families (HF parity: tests/parity/test_{dinov2,clip,
+# eva}_parity.py).
+
+
+def _shapes(model, hw=(32, 32)):
+    return nn.meta.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0),
+                                                           jnp.zeros((1, *hw, 3)))))["params"]
+
+
+def test_block_options_params_and_logical_axes():
+    block = vit.EncoderBlock(width=32, num_heads=4, mlp_dim=24, act="gelu", ln_eps=1e-6,
+                             qkv_bias=False, layer_scale=True, ffn="swiglu")
+    variables = jax.eval_shape(block.init, jax.random.key(0), jnp.zeros((1, 5, 32)))
+    params = nn.meta.unbox(variables)["params"]
+    assert sorted(params) == ["down", "gate", "k", "ln1", "ln2", "ls1", "ls2", "o", "q", "up", "v"]
+    assert all("bias" not in params[n] for n in "qkv")
+    assert params["gate"]["kernel"].shape == params["up"]["kernel"].shape == (32, 24)
+    specs = nn.get_partition_spec(variables)["params"]
+    assert specs["ls1"] == PS("norm") and specs["gate"]["kernel"] == PS(EMBED, MLP)
+    bad = vit.EncoderBlock(width=32, num_heads=4, mlp_dim=24, act="gelu", ln_eps=1e-6,
+                           ffn="geglu")
+    with pytest.raises(ValueError, match="unknown ffn"):
+        jax.eval_shape(bad.init, jax.random.key(0), jnp.zeros((1, 5, 32)))
+
+
+def test_family_param_trees():
+    d = _shapes(dinov2.Dinov2(dinov2.make_config("tiny")))
+    assert d["pos_embedding"].shape == (17, 32) and d["cls_token"].shape == (32,)
+    assert d["mask_token"].shape == (32,) and d["encoder"]["layers"]["ls2"].shape == (2, 32)
+    assert d["encoder"]["layers"]["gate"]["kernel"].shape == (2, 32, 88)
+    c = _shapes(clip.ClipVision(clip.make_config("tiny")))
+    assert "bias" not in c["patch_embed"] and c["projection"]["kernel"].shape == (32, 16)
+    assert sorted(c) == ["cls_token", "encoder", "patch_embed", "pos_embedding", "post_ln",
+                         "pre_ln", "projection"]
+    e = _shapes(eva.EvaViT(eva.make_config("tiny")), (28, 28))
+    assert "bias" not in e["encoder"]["layers"]["k"] and "bias" in e["encoder"]["layers"]["q"]
+    assert e["encoder"]["layers"]["fc1"]["kernel"].shape == (2, 32, 139)
+    assert sorted(e) == ["cls_token", "encoder", "ln_vision", "patch_embed", "pos_embedding"]
+
+
+def test_dinov2_sharded_bf16_remat_and_mask():
+    """A 2x2 mesh run equals the unsharded one; bf16 compute (with remat) runs; mask errors."""
+    cfg = dinov2.make_config("tiny")
+    params = jax.tree.map(
+        lambda s: jnp.asarray(0.2 * np.random.default_rng(0).normal(size=s.shape), s.dtype),
+        _shapes(dinov2.Dinov2(cfg)))
+    images = _images((4, 40, 24, 3))
+    ref, aux = jax.jit(lambda p, x: dinov2.Dinov2(cfg).apply({"params": p}, x))(params, images)
+    assert ref.shape == (4, 15, 32) and aux["cls"].shape == (4, 32)
+
+    variables = jax.eval_shape(lambda: dinov2.Dinov2(cfg).init(jax.random.key(0), images))
+    specs = nn.get_partition_spec(variables)["params"]
+    rules = ((ACT_BATCH, "data"), (HEADS, "model"), (MLP, "model"))
+    mesh = Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("data", "model"))
+    with nn.logical_axis_rules(rules):
+        shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+    def run(p, x):
+        with nn.logical_axis_rules(rules):
+            return dinov2.Dinov2(cfg).apply({"params": p}, x)[0]
+
+    with jax.set_mesh(mesh):
+        out = jax.jit(run)(jax.device_put(params, shardings),
+                           jax.device_put(images, NamedSharding(mesh, PS("data"))))
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+
+    bf16 = dataclasses.replace(cfg, dtype="bfloat16", remat=True)
+    out, _ = jax.jit(lambda p, x: dinov2.Dinov2(bf16).apply({"params": p}, x))(params, images)
+    assert out.dtype == jnp.bfloat16
+    assert np.max(np.abs(np.asarray(out, np.float32) - np.asarray(ref))) < 0.1
+
+    with pytest.raises(ValueError, match="does not match the patches"):
+        dinov2.Dinov2(cfg).apply({"params": params}, images, mask=jnp.zeros((4, 3), bool))
+    nomask = dataclasses.replace(cfg, use_mask_token=False)
+    with pytest.raises(ValueError, match="use_mask_token"):
+        dinov2.Dinov2(nomask).apply({"params": params}, images, mask=jnp.zeros((4, 15), bool))
+
+
+def test_family_config_validation():
+    assert dinov2.make_config("giant_14").mlp_dim == 4096
+    assert dinov2.dinov2_mlp_dim(1024, 4, False) == 4096
+    assert eva.make_config("g_14_224").mlp_dim == 6144
+    assert clip.from_dict({"variant": "l14_336"}).grid == 24
+    assert eva.from_dict({"variant": "tiny", "keep_cls": False}).keep_cls is False
+    with pytest.raises(ValueError, match="unknown ffn"):
+        dinov2.make_config("tiny", ffn="geglu")
+    with pytest.raises(ValueError, match="unknown Dinov2Config fields"):
+        dinov2.make_config("tiny", post_layernorm=True)
+    with pytest.raises(ValueError, match="divisible"):
+        eva.make_config("tiny", num_heads=5)
+    with pytest.raises(ValueError, match="drop_last_layers"):
+        clip.make_config("tiny", post_ln=False, projection_dim=None, drop_last_layers=2)
+    with pytest.raises(ValueError, match="unknown activation"):
+        clip.make_config("tiny", act="swish2")

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import SiglipVisionConfig, SiglipVisionModel
+from transformers import SiglipConfig, SiglipVisionConfig, SiglipVisionModel
 
 from convert import vit_keys
 from longvid_jax.models import vit
@@ -220,3 +220,45 @@ def test_so400m_param_count_matches_hf_meta_model():
         if not k.startswith("head."):
             (rule,) = [r for r in table if r.regex.fullmatch(k)]
             assert rule.hf_shape == tuple(v.shape), k
+
+
+def test_config_from_hf_vision_and_full_siglip_configs(hf_model):
+    assert vit_keys.config_from_hf(hf_model.config.to_dict()) == CFG
+    full = SiglipConfig(vision_config=HF_KW).to_dict()
+    assert full["model_type"] == "siglip"
+    assert vit_keys.config_from_hf(full, post_ln=False) == dataclasses.replace(CFG, post_ln=False)
+    # google/siglip-so400m-patch14-384's config.json lists only non-default vision fields.
+    so400m = {"model_type": "siglip", "vision_config": {
+        "hidden_size": 1152, "image_size": 384, "intermediate_size": 4304,
+        "model_type": "siglip_vision_model", "num_attention_heads": 16,
+        "num_hidden_layers": 27, "patch_size": 14}}
+    assert vit_keys.config_from_hf(so400m) == vit.make_config("so400m_14_384")
+    with pytest.raises(ValueError, match="unsupported model_type 'siglip2_vision_model'"):
+        vit_keys.config_from_hf({**HF_KW, "model_type": "siglip2_vision_model"})
+    with pytest.raises(ValueError, match="unsupported model_type 'clip'"):
+        vit_keys.config_from_hf({"model_type": "clip", "vision_config": {}})
+    with pytest.raises(ValueError, match="non-square"):
+        vit_keys.config_from_hf({**HF_KW, "image_size": [36, 48]})
+    with pytest.raises(ValueError, match="unknown ViTConfig fields"):
+        vit_keys.config_from_hf(HF_KW, not_a_field=1)
+
+
+def test_key_table_checks_fused_parts():
+    """`Rule.part` rows of one key must cover every chunk once, with one HF shape."""
+    q = vit_keys.Rule("qkv", ("q",), "linear", (4, 2), (0, 2))
+    k = vit_keys.Rule("qkv", ("k",), "linear", (4, 2), (1, 2))
+    assert q.hf_shape == (4, 4) and q.part_shape == (2, 4)
+    vit_keys.check_table([q, k])
+    with pytest.raises(ValueError, match=r"parts of 'qkv' are"):
+        vit_keys.check_table([q])
+    with pytest.raises(ValueError, match=r"disagree on the shape"):
+        vit_keys.check_table([q, dataclasses.replace(k, shape=(4, 3))])
+    with pytest.raises(ValueError, match=r"'qkv' appears in several rows"):
+        vit_keys.check_table([q, dataclasses.replace(k, part=None)])
+    with pytest.raises(ValueError, match=r"several rows to \['q'\]"):
+        vit_keys.check_table([q, dataclasses.replace(k, path=("q",))])
+    w = np.arange(16, dtype=np.float32).reshape(4, 4)
+    params = vit_keys.state_to_params({"qkv": w}, [q, k], prefix="", ignore=(), num_layers=0)
+    np.testing.assert_array_equal(params["k"], w[2:].T)
+    back = vit_keys.params_to_state(params, [q, k], prefix="", num_layers=0)
+    assert back["qkv"].tobytes() == w.tobytes()
