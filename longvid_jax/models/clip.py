@@ -31,14 +31,20 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from longvid_jax.models import EMBED
-from longvid_jax.models.layers import Einsum, LayerNorm, activation
-from longvid_jax.models.vit import EncoderStack, cls_and_positions, config_from_variant, patch_embed
+from longvid_jax.models.layers import Einsum, LayerNorm
+from longvid_jax.models.vit import (
+    EncoderStack,
+    TowerConfig,
+    cls_and_positions,
+    config_from_variant,
+    patch_embed,
+)
 
 Dtype = Any
 
 
 @dataclasses.dataclass(frozen=True)
-class ClipVisionConfig:
+class ClipVisionConfig(TowerConfig):
     """Sizes and options of a CLIP vision tower.
 
     Attributes:
@@ -84,32 +90,13 @@ class ClipVisionConfig:
     param_dtype: Dtype = "float32"
 
     def __post_init__(self):
-        if self.width % self.num_heads:
-            raise ValueError(f"width {self.width} not divisible by num_heads {self.num_heads}")
-        if not 0 <= self.drop_last_layers < self.depth:
-            raise ValueError(f"drop_last_layers {self.drop_last_layers} must be in [0, depth)")
+        self.check_tower()
         if self.post_ln and self.drop_last_layers:
             raise ValueError("post_ln (the pooled output) belongs to the last layer; set "
                              "post_ln=False (and projection_dim=None) with drop_last_layers")
         if self.projection_dim is not None and not self.post_ln:
             raise ValueError("projection_dim needs post_ln: image_embeds project the pooled "
                              "output")
-        if self.pos_interp not in ("bicubic", "bilinear"):
-            raise ValueError(f"unknown pos_interp {self.pos_interp!r}")
-        activation(self.act)  # raises ValueError if unknown
-
-    @property
-    def grid(self) -> int:
-        """Patches per side of the stored position grid (336 // 14 = 24)."""
-        return self.image_size // self.patch_size
-
-    @property
-    def head_dim(self) -> int:
-        return self.width // self.num_heads
-
-    @property
-    def num_layers_run(self) -> int:
-        return self.depth - self.drop_last_layers
 
 
 _L14 = dict(patch_size=14, width=1024, depth=24, num_heads=16, mlp_dim=4096, projection_dim=768)

@@ -27,9 +27,15 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
 from longvid_jax.models import EMBED
-from longvid_jax.models.layers import LayerNorm, activation
-from longvid_jax.models.vit import (FFN_TYPES, EncoderStack, cls_and_positions,
-                                    config_from_variant, patch_embed)
+from longvid_jax.models.layers import LayerNorm
+from longvid_jax.models.vit import (
+    FFN_TYPES,
+    EncoderStack,
+    TowerConfig,
+    cls_and_positions,
+    config_from_variant,
+    patch_embed,
+)
 
 Dtype = Any
 
@@ -42,7 +48,7 @@ def dinov2_mlp_dim(width: int, mlp_ratio: float, swiglu: bool) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
-class Dinov2Config:
+class Dinov2Config(TowerConfig):
     """Sizes and options of a DINOv2 tower.
 
     Attributes:
@@ -91,28 +97,9 @@ class Dinov2Config:
     param_dtype: Dtype = "float32"
 
     def __post_init__(self):
-        if self.width % self.num_heads:
-            raise ValueError(f"width {self.width} not divisible by num_heads {self.num_heads}")
-        if not 0 <= self.drop_last_layers < self.depth:
-            raise ValueError(f"drop_last_layers {self.drop_last_layers} must be in [0, depth)")
+        self.check_tower()
         if self.ffn not in FFN_TYPES:
             raise ValueError(f"unknown ffn {self.ffn!r}; known: {FFN_TYPES}")
-        if self.pos_interp not in ("bicubic", "bilinear"):
-            raise ValueError(f"unknown pos_interp {self.pos_interp!r}")
-        activation(self.act)  # raises ValueError if unknown
-
-    @property
-    def grid(self) -> int:
-        """Patches per side of the stored position grid (518 // 14 = 37)."""
-        return self.image_size // self.patch_size
-
-    @property
-    def head_dim(self) -> int:
-        return self.width // self.num_heads
-
-    @property
-    def num_layers_run(self) -> int:
-        return self.depth - self.drop_last_layers
 
 
 VARIANTS: dict[str, dict[str, Any]] = {

@@ -25,8 +25,14 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from longvid_jax.models.layers import LayerNorm, activation
-from longvid_jax.models.vit import EncoderStack, cls_and_positions, config_from_variant, patch_embed
+from longvid_jax.models.layers import LayerNorm
+from longvid_jax.models.vit import (
+    EncoderStack,
+    TowerConfig,
+    cls_and_positions,
+    config_from_variant,
+    patch_embed,
+)
 
 Dtype = Any
 
@@ -34,7 +40,7 @@ EVA_MLP_RATIO = 4.3637
 
 
 @dataclasses.dataclass(frozen=True)
-class EvaConfig:
+class EvaConfig(TowerConfig):
     """Sizes and options of an EVA ViT (+ `ln_vision`).
 
     Attributes:
@@ -78,26 +84,7 @@ class EvaConfig:
     param_dtype: Dtype = "float32"
 
     def __post_init__(self):
-        if self.width % self.num_heads:
-            raise ValueError(f"width {self.width} not divisible by num_heads {self.num_heads}")
-        if not 0 <= self.drop_last_layers < self.depth:
-            raise ValueError(f"drop_last_layers {self.drop_last_layers} must be in [0, depth)")
-        if self.pos_interp not in ("bicubic", "bilinear"):
-            raise ValueError(f"unknown pos_interp {self.pos_interp!r}")
-        activation(self.act)  # raises ValueError if unknown
-
-    @property
-    def grid(self) -> int:
-        """Patches per side of the stored position grid (224 // 14 = 16)."""
-        return self.image_size // self.patch_size
-
-    @property
-    def head_dim(self) -> int:
-        return self.width // self.num_heads
-
-    @property
-    def num_layers_run(self) -> int:
-        return self.depth - self.drop_last_layers
+        self.check_tower()
 
 
 VARIANTS: dict[str, dict[str, Any]] = {

@@ -50,8 +50,41 @@ Dtype = Any
 # Config.
 
 
+class TowerConfig:
+    """Checks and derived sizes shared by the ViT-family configs (SigLIP, DINOv2, CLIP, EVA).
+
+    Subclasses are frozen dataclasses with the fields `image_size`, `patch_size`, `width`,
+    `depth`, `num_heads`, `drop_last_layers`, `pos_interp` and `act`; their `__post_init__`
+    calls `check_tower()` and adds their own checks.
+    """
+
+    def check_tower(self) -> None:
+        """Raises ValueError for sizes or options that cannot build a tower."""
+        if self.width % self.num_heads:
+            raise ValueError(f"width {self.width} not divisible by num_heads {self.num_heads}")
+        if not 0 <= self.drop_last_layers < self.depth:
+            raise ValueError(f"drop_last_layers {self.drop_last_layers} must be in [0, depth)")
+        if self.pos_interp not in ("bicubic", "bilinear"):
+            raise ValueError(f"unknown pos_interp {self.pos_interp!r}")
+        activation(self.act)  # raises ValueError if unknown
+
+    @property
+    def grid(self) -> int:
+        """Patches per side of the stored position grid (`image_size // patch_size`)."""
+        return self.image_size // self.patch_size
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.num_heads
+
+    @property
+    def num_layers_run(self) -> int:
+        """Layers built and run: `depth - drop_last_layers`."""
+        return self.depth - self.drop_last_layers
+
+
 @dataclasses.dataclass(frozen=True)
-class ViTConfig:
+class ViTConfig(TowerConfig):
     """Sizes and options of a SigLIP-style ViT.
 
     Attributes:
@@ -95,32 +128,12 @@ class ViTConfig:
     param_dtype: Dtype = "float32"
 
     def __post_init__(self):
-        if self.width % self.num_heads:
-            raise ValueError(f"width {self.width} not divisible by num_heads {self.num_heads}")
-        if not 0 <= self.drop_last_layers < self.depth:
-            raise ValueError(f"drop_last_layers {self.drop_last_layers} must be in [0, depth)")
-        if self.pos_interp not in ("bicubic", "bilinear"):
-            raise ValueError(f"unknown pos_interp {self.pos_interp!r}")
-        activation(self.act)  # raises ValueError if unknown
-
-    @property
-    def grid(self) -> int:
-        """Patches per side at `image_size` (so400m: 384 // 14 = 27)."""
-        return self.image_size // self.patch_size
+        self.check_tower()
 
     @property
     def num_patches(self) -> int:
         """Rows of the position-embedding table, `grid**2` (729)."""
         return self.grid**2
-
-    @property
-    def head_dim(self) -> int:
-        return self.width // self.num_heads
-
-    @property
-    def num_layers_run(self) -> int:
-        """Layers built and run: `depth - drop_last_layers`."""
-        return self.depth - self.drop_last_layers
 
 
 VARIANTS: dict[str, dict[str, Any]] = {
