@@ -30,7 +30,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from longvid_jax import checkpoints, losses, optim, sharding
+from longvid_jax import checkpoints, distributed, losses, optim, sharding
 from longvid_jax.input import pipeline
 from longvid_jax.input import tokenizer as tokenizer_lib
 from longvid_jax.models import video_llm
@@ -38,6 +38,11 @@ from longvid_jax.models import video_llm
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (default runs/<config name>).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0 in a multi-process job (see "
+                                   "longvid_jax/distributed.py; clusters need no flags).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
 
 def example_batch(model_cfg: video_llm.VideoLLMConfig, input_cfg, *, batch: int = 1,
@@ -276,7 +281,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None 
                       "target_tokens": int(metrics["target_tokens"]),
                       "tokens_per_s": tokens_per_s,
                       "step_time_s": dt, "skipped_records": skipped_total}
-            if jax.process_index() == 0:
+            if jax.process_index() != 0:  # process 0 shows the bar and writes the file
+                logging.info("step %d: loss %.6f", step, loss)
+            else:
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
@@ -302,6 +309,7 @@ def main(argv):
         name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
         workdir = os.path.join("runs", name)
     logging.set_verbosity(logging.INFO)
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     # Orbax narrates every save at INFO; keep its warnings and errors only.
     std_logging.getLogger("absl").addFilter(
         lambda r: r.levelno >= std_logging.WARNING or "/orbax/" not in r.pathname)
