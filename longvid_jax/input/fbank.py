@@ -5,6 +5,8 @@ the originals call) computed by the `kaldi-native-fbank` package (C++, no torch)
 `frame_length_ms` every `frame_shift_ms`; per frame: remove the DC offset, pre-emphasis, window
 (povey), zero-pad to a power of two, power spectrum, triangular mel filters on Kaldi's mel scale
 `1127 ln(1 + f / 700)` from `low_freq` to the Nyquist frequency, `log(max(x, float32 eps))`.
+setup.cfg pins kaldi-native-fbank below 1.23: 1.23 refuses 128 mel bins on a 512-point FFT at
+16 kHz ("num_mel_bins too large", as Kaldi itself does), which torchaudio, and so BEATs, accepts.
 
 `beats_fbank` is BEATs' `preprocess` (microsoft/unilm `beats/BEATs.py`; TDC
 `tdc/audio_models/beats/BEATs.py`; LongVALE `mm_utils.BEATSAudioExtractor`): the waveform in
