@@ -51,13 +51,14 @@ from longvid_jax.models import (
     MLP,
     VOCAB,
 )
-from longvid_jax.models.attention import dot_product_attention, make_attention_mask
+from longvid_jax.kernels import dispatch
 from longvid_jax.models.layers import Einsum, RMSNorm, activation, fan_in_init
 
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor",
                 "original_max_position_embeddings")
 _REMAT_POLICIES = ("none", "full", "dots")
-_ATTENTION_IMPLS = ("xla", "cudnn")
+# Ring attention needs the mesh, which model code does not see; it is called by the trainer.
+_ATTENTION_IMPLS = tuple(i for i in dispatch.IMPLEMENTATIONS if i != "ring")
 
 
 def _canonical_rope_scaling(value: Any) -> tuple | None:
@@ -120,7 +121,9 @@ class DecoderConfig:
       remat_policy: "none", "full" (save nothing per layer) or "dots" (save the projection
         matmuls, `jax.checkpoint_policies.dots_with_no_batch_dims_saveable`, recompute the rest,
         attention logits included).
-      attention_impl: backend of `attention.dot_product_attention` ("xla" or "cudnn").
+      attention_impl: `kernels.dispatch.attention` implementation: "xla", "cudnn" (no
+        segment ids), "pallas_gpu", "splash", or "auto" (chosen from the platform).
+      max_score_bytes: the XLA path refuses to build float32 scores [B, N, T, T] above this.
     """
 
     vocab_size: int
@@ -140,6 +143,7 @@ class DecoderConfig:
     scan_layers: bool = False
     remat_policy: str = "none"
     attention_impl: str = "xla"
+    max_score_bytes: int = dispatch.DEFAULT_MAX_SCORE_BYTES
 
     def __post_init__(self):
         object.__setattr__(self, "rope_scaling", _canonical_rope_scaling(self.rope_scaling))
@@ -356,11 +360,10 @@ class Attention(nn.Module):
         kk = nn.with_logical_constraint(apply_rope(kk, cos, sin), (ACT_BATCH, ACT_LEN,
                                                                    ACT_KV_HEADS, None))
         v = nn.with_logical_constraint(v, (ACT_BATCH, ACT_LEN, ACT_KV_HEADS, None))
-        b, t = x.shape[:2]
         # Causal by index (as HF), restricted to equal segment ids (packing / padding).
-        mask = make_attention_mask(batch=b, q_len=t, kv_len=t, causal=True,
-                                   q_segment_ids=segment_ids, kv_segment_ids=segment_ids)
-        out = dot_product_attention(q, kk, v, mask=mask, implementation=cfg.attention_impl)
+        out = dispatch.attention(q, kk, v, causal=True, segment_ids=segment_ids,
+                                 implementation=cfg.attention_impl,
+                                 max_score_bytes=cfg.max_score_bytes)
         out = nn.with_logical_constraint(out, (ACT_BATCH, ACT_LEN, ACT_HEADS, None))
         return Einsum((n, h, d), (HEADS, HEAD_DIM, EMBED), fan_in_axes=(0, 1), name="o_proj",
                       **proj)("BTNH,NHD->BTD", out)
