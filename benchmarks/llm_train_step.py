@@ -1,0 +1,160 @@
+"""LLM training step, ours vs `transformers` PyTorch, same GPU, same run (issue 4, benchmark 1).
+
+    python benchmarks/llm_train_step.py [--variant=qwen2_0_5b] [--seq=8192] [--batch=1]
+        [--attention=cudnn] [--remat=dots] [--steps=10] [--skip_torch] [--smoke]
+
+One full AdamW step on random tokens (next-token loss over every position) for a Qwen2-0.5B-shaped
+model: ours (longvid_jax Decoder, bf16 compute, float32 master weights, nn.scan over layers,
+remat policy, the chosen attention) and HF `Qwen2ForCausalLM` (bf16 weights, SDPA attention,
+gradient checkpointing, fused AdamW). Reports tokens/s, MFU and their ratio.
+
+MFU = model FLOPs / (time * peak): 6 * parameters per token (the tied embedding counted once, as
+the LM head) plus causal attention 6 * layers * heads * head_dim * T per token; the peak is the
+GPU's dense bf16 rate (H100 SXM 989 TFLOP/s, H200 the same). `--smoke` runs a tiny model on CPU.
+"""
+
+import argparse
+import statistics
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from longvid_jax.models import decoder
+
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12}
+
+
+def model_flops_per_token(cfg: decoder.DecoderConfig, n_params: int, seq: int) -> float:
+    attn = 6 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq
+    return 6 * n_params + attn
+
+
+def ours(cfg, batch, seq, steps):
+    model = decoder.Decoder(cfg)
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, seq + 1)), jnp.int32)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+
+    def init(key):
+        embeds = jnp.zeros((batch, 8, cfg.hidden_size), cfg.compute_dtype)
+        pos = jnp.broadcast_to(jnp.arange(8, dtype=jnp.int32), (batch, 8))
+        return model.init(key, embeds, pos)["params"]
+
+    params = nn.unbox(jax.jit(init)(jax.random.key(0)))
+    tx = optax.adamw(1e-5)
+    opt_state = tx.init(params)
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+
+    def loss_fn(p):
+        def fwd(m):
+            hidden, _ = m(m.embed(inputs), positions)
+            return m.logits(hidden)
+        logits = model.apply({"params": p}, method=fwd)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+    @jax.jit
+    def step(p, s):
+        loss, grads = jax.value_and_grad(loss_fn)(p)
+        updates, s = tx.update(grads, s, p)
+        return optax.apply_updates(p, updates), s, loss
+
+    params, opt_state, loss = step(params, opt_state)
+    jax.block_until_ready(loss)
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        params, opt_state, loss = step(params, opt_state)
+        jax.block_until_ready(loss)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), n_params, float(loss)
+
+
+def torch_hf(cfg, batch, seq, steps):
+    import torch
+    import transformers
+
+    hf_cfg = transformers.Qwen2Config(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.mlp_dim,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads, rope_theta=cfg.rope_theta,
+        rms_norm_eps=cfg.rms_eps, tie_word_embeddings=cfg.tie_embeddings,
+        max_position_embeddings=max(seq, 32768), attn_implementation="sdpa")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = transformers.Qwen2ForCausalLM(hf_cfg).to(device=device, dtype=torch.bfloat16)
+    model.gradient_checkpointing_enable()
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device == "cuda")
+    tokens = torch.randint(0, cfg.vocab_size, (batch, seq), device=device)
+
+    def step():
+        out = model(input_ids=tokens, labels=tokens)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return out.loss
+
+    step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        loss = step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    loss = float(loss.detach())
+    del model, opt, tokens
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return statistics.median(times), loss
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--variant", default="qwen2_0_5b")
+    p.add_argument("--seq", type=int, default=8192)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--attention", default="cudnn")
+    p.add_argument("--remat", default="dots")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--skip_torch", action="store_true")
+    p.add_argument("--smoke", action="store_true")
+    a = p.parse_args()
+    if a.smoke:
+        cfg = decoder.make_config("tiny", scan_layers=True, remat_policy=a.remat)
+        seq, steps = 64, 1
+    else:
+        cfg = decoder.make_config(a.variant, dtype="bfloat16", param_dtype="float32",
+                                  scan_layers=True, remat_policy=a.remat,
+                                  attention_impl=a.attention)
+        seq, steps = a.seq, a.steps
+    kind = jax.devices()[0].device_kind
+    peak = next((v for k, v in PEAK_BF16.items() if k in kind), None)
+    print(f"device: {kind}; jax {jax.__version__}; {a.variant if not a.smoke else 'tiny'} "
+          f"batch {a.batch} x {seq} tokens; ours: attention={cfg.attention_impl}, "
+          f"remat={cfg.remat_policy}, scan")
+    # PyTorch runs first and returns its cached memory before JAX allocates (both share the GPU).
+    dt_t = None
+    if not a.skip_torch:
+        dt_t, loss_t = torch_hf(cfg, a.batch, seq, steps)
+    dt, n_params, loss = ours(cfg, a.batch, seq, steps)
+    tokens = a.batch * seq
+    flops = model_flops_per_token(cfg, n_params, seq) * tokens
+    mfu = f", MFU {flops / dt / peak:.1%}" if peak else ""
+    print(f"ours:  {dt * 1e3:.1f} ms/step, {tokens / dt:,.0f} tokens/s{mfu} "
+          f"({n_params / 1e6:.1f}M params, loss {loss:.3f})")
+    if dt_t is not None:
+        mfu_t = f", MFU {flops / dt_t / peak:.1%}" if peak else ""
+        print(f"torch: {dt_t * 1e3:.1f} ms/step, {tokens / dt_t:,.0f} tokens/s{mfu_t} "
+              f"(HF Qwen2ForCausalLM, bf16, SDPA, gradient checkpointing; loss {loss_t:.3f})")
+        print(f"ratio ours / torch tokens/s: {dt_t / dt:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
