@@ -53,6 +53,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.ckpt_every = 50 if demo else 500
     c.keep_ckpts = 2
     c.max_skipped_fraction = 0.5  # abort if more than this fraction of records are unreadable
+    # Tokens per chunk of the vocabulary projection in the loss (0: whole-batch logits).
+    c.loss_chunk = 0 if demo else 2048
 
     # Model. Each sub-dict holds every field of a module config (longvid_jax/models/*.py),
     # resolved from a named variant there, so `--config.model.llm.num_layers=4` works; the

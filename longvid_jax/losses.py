@@ -44,3 +44,44 @@ def lm_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     nll = (logz - target_logit) * weights
     return nll.sum(), weights.sum()
+
+
+def chunked_lm_loss(hidden: jax.Array, head: jax.Array, targets: jax.Array, weights: jax.Array,
+                    *, chunk_size: int, dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
+    """`lm_loss(hidden @ head, ...)` without ever holding logits for more than `chunk_size` tokens.
+
+    Tokens are cut into chunks; each chunk's logits [chunk_size, V] are computed, reduced to
+    log-sum-exp and target logit, and dropped; `jax.checkpoint` recomputes them in the backward
+    pass, so memory is O(chunk_size * V) instead of O(B * T * V).
+
+    Args:
+      hidden: [B, T, D] final hidden states.
+      head: [D, V] output head (`Decoder.head_weight()`).
+      targets: int32[B, T]; weights: float32[B, T] (`next_token_targets`).
+      chunk_size: tokens per chunk (B * T is padded up to a multiple).
+      dtype: matmul operand dtype (the model's compute dtype); logits accumulate in float32.
+
+    Returns:
+      (sum of weighted -log p(target), sum of weights), float32 scalars, equal to `lm_loss` on
+      the full logits up to float rounding.
+    """
+    d = hidden.shape[-1]
+    n = hidden.shape[0] * hidden.shape[1]
+    pad = (-n) % chunk_size
+    h = jnp.pad(hidden.reshape(n, d), ((0, pad), (0, 0))).reshape(-1, chunk_size, d)
+    t = jnp.pad(targets.reshape(n), (0, pad)).reshape(-1, chunk_size)
+    w = jnp.pad(weights.reshape(n).astype(jnp.float32), (0, pad)).reshape(-1, chunk_size)
+
+    @jax.checkpoint
+    def chunk_nll(h_c, t_c, w_c):
+        logits = jnp.einsum("TD,DV->TV", h_c.astype(dtype), head.astype(dtype),
+                            preferred_element_type=jnp.float32)
+        logz = jax.nn.logsumexp(logits, axis=-1)
+        target_logit = jnp.take_along_axis(logits, t_c[:, None], axis=-1)[:, 0]
+        return jnp.sum((logz - target_logit) * w_c)
+
+    def body(total, xs):
+        return total + chunk_nll(*xs), None
+
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (h, t, w))
+    return total, weights.sum().astype(jnp.float32)

@@ -118,16 +118,29 @@ class Trainer:
             return jax.jit(init, out_shardings=self.state_shardings)(jax.random.key(seed))
 
     def loss_fn(self, params, batch):
-        """Mean next-token loss over target tokens, and (nll sum, target count)."""
+        """Mean next-token loss over target tokens, and (nll sum, target count).
 
-        def forward(module, b):
-            hidden, _ = module(b)
-            return module.logits(hidden)
-
-        logits = self.model.apply({"params": params}, batch, method=forward)
+        With `config.loss_chunk > 0` the logits are computed that many tokens at a time
+        (`losses.chunked_lm_loss`) and never exist for the whole batch at once.
+        """
         targets, weights = losses.next_token_targets(batch["input_ids"], batch["loss_mask"],
                                                      batch["segment_ids"])
-        nll, count = losses.lm_loss(logits, targets, weights)
+        if self.config.loss_chunk:
+            def forward(module, b):
+                hidden, _ = module(b)
+                return hidden, module.llm.head_weight()
+
+            hidden, head = self.model.apply({"params": params}, batch, method=forward)
+            nll, count = losses.chunked_lm_loss(hidden, head, targets, weights,
+                                                chunk_size=self.config.loss_chunk,
+                                                dtype=self.model_cfg.llm.compute_dtype)
+        else:
+            def forward(module, b):
+                hidden, _ = module(b)
+                return module.logits(hidden)
+
+            logits = self.model.apply({"params": params}, batch, method=forward)
+            nll, count = losses.lm_loss(logits, targets, weights)
         return nll / jnp.maximum(count, 1.0), (nll, count)
 
     @functools.cached_property

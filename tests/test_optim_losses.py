@@ -66,3 +66,23 @@ def test_parse_arg():
     assert parse_arg("steps=7", steps=3).steps == 7
     with pytest.raises(ValueError, match="unknown config argument"):
         parse_arg("nope=1", size="demo")
+
+
+def test_chunked_lm_loss_matches_full_logits_and_grads():
+    keys = jax.random.split(jax.random.key(1), 4)
+    hidden = jax.random.normal(keys[0], (2, 13, 16))
+    head = jax.random.normal(keys[1], (16, 50)) * 0.3
+    targets = jax.random.randint(keys[2], (2, 13), 0, 50)
+    weights = (jax.random.uniform(keys[3], (2, 13)) > 0.3).astype(jnp.float32)
+
+    def full(h, w):
+        return losses.lm_loss(jnp.einsum("BTD,DV->BTV", h, w), targets, weights)[0]
+
+    def chunked(h, w):
+        return losses.chunked_lm_loss(h, w, targets, weights, chunk_size=8)[0]
+
+    np.testing.assert_allclose(chunked(hidden, head), full(hidden, head), rtol=1e-6)
+    g_full = jax.grad(full, argnums=(0, 1))(hidden, head)
+    g_chunk = jax.grad(chunked, argnums=(0, 1))(hidden, head)
+    for a, b in zip(g_chunk, g_full):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -324,13 +324,15 @@ class LMHead(nn.Module):
 
     config: DecoderConfig
 
-    @nn.compact
-    def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
+    def setup(self):
         cfg = self.config
-        w = self.param("kernel", nn.with_logical_partitioning(fan_in_init((0,)), (EMBED, VOCAB)),
-                       (cfg.hidden_size, cfg.vocab_size), cfg.weight_dtype)
-        dtype = cfg.compute_dtype
-        return jnp.einsum("BTD,DV->BTV", x.astype(dtype), w.astype(dtype),
+        self.kernel = self.param(
+            "kernel", nn.with_logical_partitioning(fan_in_init((0,)), (EMBED, VOCAB)),
+            (cfg.hidden_size, cfg.vocab_size), cfg.weight_dtype)
+
+    def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
+        dtype = self.config.compute_dtype
+        return jnp.einsum("BTD,DV->BTV", x.astype(dtype), self.kernel.astype(dtype),
                           preferred_element_type=jnp.float32)
 
 
@@ -504,6 +506,13 @@ class Decoder(nn.Module):
         else:
             out = self.lm_head(hidden)
         return nn.with_logical_constraint(out, (ACT_BATCH, ACT_LEN, ACT_VOCAB))
+
+    def head_weight(self) -> Float[Array, "D V"]:
+        """The output head as a `(D, V)` array (the embedding transposed when tied), for losses
+        that compute logits a chunk of tokens at a time (`losses.chunked_lm_loss`)."""
+        if self.config.tie_embeddings:
+            return self.embed_tokens.embedding.T
+        return self.lm_head.kernel
 
 
 Model = Decoder
