@@ -1,7 +1,7 @@
 """LLM training step, ours vs `transformers` PyTorch, same GPU, same run (issue 4, benchmark 1).
 
     python benchmarks/llm_train_step.py [--variant=qwen2_0_5b] [--seq=8192] [--batch=1]
-        [--attention=cudnn] [--remat=dots] [--steps=10] [--skip_torch] [--smoke]
+        [--attention=cudnn] [--remat=dots] [--loss_chunk=0] [--steps=10] [--skip_torch] [--smoke]
 
 One full AdamW step on random tokens (next-token loss over every position) for a Qwen2-0.5B-shaped
 model: ours (longvid_jax Decoder, bf16 compute, float32 master weights, nn.scan over layers,
@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from longvid_jax import losses
 from longvid_jax.models import decoder
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12}
@@ -33,7 +34,7 @@ def model_flops_per_token(cfg: decoder.DecoderConfig, n_params: int, seq: int) -
     return 6 * n_params + attn
 
 
-def ours(cfg, batch, seq, steps):
+def ours(cfg, batch, seq, steps, loss_chunk=0):
     model = decoder.Decoder(cfg)
     rng = np.random.default_rng(0)
     tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, seq + 1)), jnp.int32)
@@ -50,12 +51,22 @@ def ours(cfg, batch, seq, steps):
     opt_state = tx.init(params)
     n_params = sum(x.size for x in jax.tree.leaves(params))
 
+    weights = jnp.ones(targets.shape, jnp.float32)
+
     def loss_fn(p):
-        def fwd(m):
-            hidden, _ = m(m.embed(inputs), positions)
-            return m.logits(hidden)
-        logits = model.apply({"params": p}, method=fwd)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+        if loss_chunk:
+            def fwd(m):
+                hidden, _ = m(m.embed(inputs), positions)
+                return hidden, m.head_weight()
+            hidden, head = model.apply({"params": p}, method=fwd)
+            nll, count = losses.chunked_lm_loss(hidden, head, targets, weights,
+                                                chunk_size=loss_chunk, dtype=cfg.compute_dtype)
+        else:
+            def fwd(m):
+                hidden, _ = m(m.embed(inputs), positions)
+                return m.logits(hidden)
+            nll, count = losses.lm_loss(model.apply({"params": p}, method=fwd), targets, weights)
+        return nll / count
 
     @jax.jit
     def step(p, s):
@@ -123,6 +134,7 @@ def main():
     p.add_argument("--attention", default="cudnn")
     p.add_argument("--remat", default="dots")
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--loss_chunk", type=int, default=0, help="tokens per logits chunk; 0: all")
     p.add_argument("--skip_torch", action="store_true")
     p.add_argument("--smoke", action="store_true")
     a = p.parse_args()
@@ -138,12 +150,12 @@ def main():
     peak = next((v for k, v in PEAK_BF16.items() if k in kind), None)
     print(f"device: {kind}; jax {jax.__version__}; {a.variant if not a.smoke else 'tiny'} "
           f"batch {a.batch} x {seq} tokens; ours: attention={cfg.attention_impl}, "
-          f"remat={cfg.remat_policy}, scan")
+          f"remat={cfg.remat_policy}, scan, loss_chunk={a.loss_chunk}")
     # PyTorch runs first and returns its cached memory before JAX allocates (both share the GPU).
     dt_t = None
     if not a.skip_torch:
         dt_t, loss_t = torch_hf(cfg, a.batch, seq, steps)
-    dt, n_params, loss = ours(cfg, a.batch, seq, steps)
+    dt, n_params, loss = ours(cfg, a.batch, seq, steps, 16 if a.smoke else a.loss_chunk)
     tokens = a.batch * seq
     flops = model_flops_per_token(cfg, n_params, seq) * tokens
     mfu = f", MFU {flops / dt / peak:.1%}" if peak else ""
