@@ -7,7 +7,7 @@
                 ids of packed sequences, float32).
   "ring"        any platform: ring attention over mesh axis `axis` (`ring.py`), one sequence
                 spread over the devices of that axis.
-  "xla"         everywhere: the pure-JAX reference (`models.attention.dot_product_attention_ref`),
+  "xla"         everywhere: the pure-JAX reference (`models.attention.masked_attention_ref`),
                 which materialises float32 scores [B, N, T, S] and is refused above
                 `max_score_bytes`.
 
@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 from jaxtyping import Array, Float, Int
 
 from longvid_jax.kernels import flash_gpu, ring, splash_tpu
-from longvid_jax.models.attention import dot_product_attention_ref, make_attention_mask
+from longvid_jax.models.attention import masked_attention_ref
 
 Implementation = Literal["auto", "xla", "cudnn", "pallas_gpu", "splash", "ring"]
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas_gpu", "splash", "ring")
@@ -137,9 +137,7 @@ def attention(
                 f"[B, N, T, S] = [{q.shape[0]}, {q.shape[2]}, {q.shape[1]}, {s_len}] > "
                 f"max_score_bytes={max_score_bytes}; use a flash kernel (splash on TPU, "
                 f"cudnn / pallas_gpu on GPU), ring attention over a mesh axis, or raise the limit")
-        mask = make_attention_mask(batch=q.shape[0], q_len=q.shape[1], kv_len=s_len,
-                                   causal=causal, **seg)
-        return dot_product_attention_ref(q, k, v, mask=mask, scale=scale)
+        return masked_attention_ref(q, k, v, causal=causal, scale=scale, **seg)
     if implementation == "cudnn":
         if segment_ids is not None:
             raise ValueError("cudnn attention takes no segment ids; use 'pallas_gpu'")

@@ -28,7 +28,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 from jaxtyping import Array, Float, Int
 
-from longvid_jax.models.attention import dot_product_attention_ref, make_attention_mask
+from longvid_jax.models.attention import masked_attention_ref
 
 _NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)
 _DIMS_NT = (((1,), (1,)), ((), ()))  # [a, h] x [b, h] -> [a, b]
@@ -36,32 +36,8 @@ _DIMS_NN = (((1,), (0,)), ((), ()))  # [a, b] x [b, h] -> [a, h]
 _DIMS_TN = (((0,), (0,)), ((), ()))  # [a, b] x [a, h] -> [b, h]
 
 
-def flash_attention_ref(
-    q: Float[Array, "B T N H"],
-    k: Float[Array, "B S K H"],
-    v: Float[Array, "B S K H"],
-    *,
-    causal: bool = False,
-    q_segment_ids: Int[Array, "B T"] | None = None,
-    kv_segment_ids: Int[Array, "B S"] | None = None,
-    scale: float | None = None,
-) -> Float[Array, "B T N H"]:
-    """Pure-JAX reference of `flash_attention` (materialises the [B, N, T, S] scores).
-
-    Args:
-      q: [B, T, N, H] queries.
-      k, v: [B, S, K, H] keys / values, N % K == 0.
-      causal: query t sees keys s <= t.
-      q_segment_ids, kv_segment_ids: int32[B, T] / int32[B, S], given together or not at all.
-      scale: logit scale, default H**-0.5.
-
-    Returns:
-      [B, T, N, H] in q's dtype.
-    """
-    b, t, _, _ = q.shape
-    mask = make_attention_mask(batch=b, q_len=t, kv_len=k.shape[1], causal=causal,
-                               q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
-    return dot_product_attention_ref(q, k, v, mask=mask, scale=scale)
+# The pure-JAX reference this kernel is tested against.
+flash_attention_ref = masked_attention_ref
 
 
 def _block_mask(q_pos, k_pos, q_seg, k_seg, causal, use_seg):

@@ -31,7 +31,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float, Int
 
-from longvid_jax.models.attention import dot_product_attention_ref, make_attention_mask
+from longvid_jax.models.attention import masked_attention_ref
 
 _NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)
 
@@ -39,28 +39,8 @@ _NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)
 _FULL, _KV_FIRST_HALF, _Q_SECOND_HALF, _SKIP = 0, 1, 2, 3
 
 
-def ring_attention_ref(
-    q: Float[Array, "B T N H"],
-    k: Float[Array, "B S K H"],
-    v: Float[Array, "B S K H"],
-    *,
-    causal: bool = False,
-    q_segment_ids: Int[Array, "B T"] | None = None,
-    kv_segment_ids: Int[Array, "B S"] | None = None,
-    scale: float | None = None,
-) -> Float[Array, "B T N H"]:
-    """Pure-JAX single-device reference of `ring_attention` (natural token order).
-
-    Args:
-      q: [B, T, N, H]; k, v: [B, S, K, H]; segment ids int32[B, T] / int32[B, S].
-
-    Returns:
-      [B, T, N, H] in q's dtype.
-    """
-    b, t = q.shape[:2]
-    mask = make_attention_mask(batch=b, q_len=t, kv_len=k.shape[1], causal=causal,
-                               q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
-    return dot_product_attention_ref(q, k, v, mask=mask, scale=scale)
+# The pure-JAX reference this kernel is tested against.
+ring_attention_ref = masked_attention_ref
 
 
 def zigzag_permutation(length: int, num_shards: int) -> np.ndarray:

@@ -17,7 +17,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ke
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as _sm
 from jaxtyping import Array, Float, Int
 
-from longvid_jax.models.attention import dot_product_attention_ref, make_attention_mask
+from longvid_jax.models.attention import masked_attention_ref
 
 
 def make_splash_mask(num_heads: int, q_len: int, kv_len: int, *, causal: bool):
@@ -91,18 +91,5 @@ def splash_attention(
     return out.transpose(0, 2, 1, 3).astype(q.dtype)
 
 
-def splash_attention_ref(
-    q: Float[Array, "B T N H"],
-    k: Float[Array, "B S K H"],
-    v: Float[Array, "B S K H"],
-    *,
-    causal: bool = False,
-    q_segment_ids: Int[Array, "B T"] | None = None,
-    kv_segment_ids: Int[Array, "B S"] | None = None,
-    scale: float | None = None,
-) -> Float[Array, "B T N H"]:
-    """Pure-JAX reference of `splash_attention` (same arguments, materialises the scores)."""
-    b, t = q.shape[:2]
-    mask = make_attention_mask(batch=b, q_len=t, kv_len=k.shape[1], causal=causal,
-                               q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
-    return dot_product_attention_ref(q, k, v, mask=mask, scale=scale)
+# The pure-JAX reference this kernel is tested against.
+splash_attention_ref = masked_attention_ref

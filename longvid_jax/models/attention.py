@@ -101,6 +101,33 @@ def dot_product_attention_ref(
     return out.reshape(b, t, n, h)
 
 
+def masked_attention_ref(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool = False,
+    q_segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
+    scale: float | None = None,
+) -> jax.Array:
+    """The reference every attention kernel is tested against (materialises the scores).
+
+    Args:
+      q: [B, T, N, H] queries; k, v: [B, S, K, H], N % K == 0.
+      causal: query t sees keys s <= t (positions 0..T-1, 0..S-1).
+      q_segment_ids, kv_segment_ids: int32[B, T] / int32[B, S], given together or not at all.
+      scale: logit scale, default H**-0.5.
+
+    Returns:
+      [B, T, N, H] in q's dtype.
+    """
+    mask = make_attention_mask(batch=q.shape[0], q_len=q.shape[1], kv_len=k.shape[1],
+                               causal=causal, q_segment_ids=q_segment_ids,
+                               kv_segment_ids=kv_segment_ids)
+    return dot_product_attention_ref(q, k, v, mask=mask, scale=scale)
+
+
 def dot_product_attention(
     q: jax.Array,
     k: jax.Array,
