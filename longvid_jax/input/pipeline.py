@@ -161,7 +161,7 @@ def make_dataset(
             "absl.app.run or call absl.flags.FLAGS([sys.argv[0]]) first"
         )
     tok = tokenizer_lib.load_tokenizer(cfg.tokenizer)  # fail early; also gives the pad id
-    source = JsonAnnotationSource(cfg.annotations, video_root=cfg.video_root, strict=False)
+    source = JsonAnnotationSource(cfg.annotations, video_root=cfg.video_root, skip_bad_records=True)
     ds = grain.MapDataset.source(source)[process_index::process_count]
     if len(ds) == 0:
         raise ValueError(

@@ -51,20 +51,19 @@ class JsonAnnotationSource:
 
     Each item is a dict: the record's own keys, with `video` made absolute, plus `_index` (int,
     the record's position in the file) and `_source` (the annotation path). With
-    `strict=False`, a malformed record becomes `{"_index", "_source", "_error": message}`
+    `skip_bad_records=True`, a malformed record becomes `{"_index", "_source", "_error": message}`
     instead of raising, so that the pipeline skips and counts it.
 
     Raises:
-        AnnotationError: unreadable file, invalid JSON (.json), not a list, or (strict) a
-            malformed record; the message names the file and the record index.
+        AnnotationError: unreadable file, invalid JSON (.json), not a list, or (unless
+            `skip_bad_records`) a malformed record; the message names the file and the record index.
     """
 
-    def __init__(self, path, *, video_root=None, strict: bool = True):
+    def __init__(self, path, *, video_root=None, skip_bad_records: bool = False):
         self.path = os.path.abspath(os.fspath(path))
         self.video_root = os.path.abspath(
             os.fspath(video_root) if video_root is not None else os.path.dirname(self.path)
         )
-        self.strict = strict
         try:
             with open(self.path, encoding="utf-8") as f:
                 text = f.read()
@@ -102,7 +101,7 @@ class JsonAnnotationSource:
                 except ValueError as e:
                     problem = str(e)
             if problem is not None:
-                if strict:
+                if not skip_bad_records:
                     raise AnnotationError(self.path, problem, i)
                 self._items.append({"_index": i, "_source": self.path, "_error": problem})
                 continue

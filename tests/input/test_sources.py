@@ -54,7 +54,7 @@ def test_bad_records_name_file_and_index(tmp_path, bad, problem):
     with pytest.raises(AnnotationError, match=rf"ann\.jsonl: record 1: .*{problem}") as err:
         JsonAnnotationSource(path)
     assert err.value.index == 1 and err.value.path == str(path)
-    lenient = JsonAnnotationSource(path, strict=False)  # the pipeline's mode: skip and count
+    lenient = JsonAnnotationSource(path, skip_bad_records=True)  # the pipeline's mode: skip and count
     assert len(lenient) == 3 and lenient.num_malformed == 1
     assert problem.split("'")[0] in lenient[1]["_error"] and "_error" not in lenient[2]
 
@@ -62,4 +62,4 @@ def test_bad_records_name_file_and_index(tmp_path, bad, problem):
 def test_all_records_malformed(tmp_path):
     path = _jsonl(tmp_path / "ann.jsonl", [{"video": "a.mp4"}, {"video": "b.mp4"}])
     with pytest.raises(AnnotationError, match="all 2 records are malformed"):
-        JsonAnnotationSource(path, strict=False)
+        JsonAnnotationSource(path, skip_bad_records=True)
