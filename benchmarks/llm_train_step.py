@@ -34,7 +34,13 @@ def model_flops_per_token(cfg: decoder.DecoderConfig, n_params: int, seq: int) -
     return 6 * n_params + attn
 
 
-def ours(cfg, batch, seq, steps, loss_chunk=0):
+def cast_matrices(params, dtype):
+    """Weights with two or more axes in `dtype` (cast once per step, before the layer scan);
+    norm scales and biases stay float32. Gradients flow back to the float32 masters."""
+    return jax.tree.map(lambda x: x.astype(dtype) if x.ndim >= 2 else x, params)
+
+
+def ours(cfg, batch, seq, steps, loss_chunk=0, profile_dir=None, cast_params=False):
     model = decoder.Decoder(cfg)
     rng = np.random.default_rng(0)
     tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, seq + 1)), jnp.int32)
@@ -54,6 +60,8 @@ def ours(cfg, batch, seq, steps, loss_chunk=0):
     weights = jnp.ones(targets.shape, jnp.float32)
 
     def loss_fn(p):
+        if cast_params:
+            p = cast_matrices(p, cfg.compute_dtype)
         if loss_chunk:
             def fwd(m):
                 hidden, _ = m(m.embed(inputs), positions)
@@ -82,6 +90,11 @@ def ours(cfg, batch, seq, steps, loss_chunk=0):
         params, opt_state, loss = step(params, opt_state)
         jax.block_until_ready(loss)
         times.append(time.perf_counter() - t)
+    if profile_dir:  # a trace of 3 steps (Perfetto JSON + XPlane) for kernel-level breakdowns
+        with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
+            for _ in range(3):
+                params, opt_state, loss = step(params, opt_state)
+            jax.block_until_ready(loss)
     return statistics.median(times), n_params, float(loss)
 
 
@@ -120,7 +133,7 @@ def torch_hf(cfg, batch, seq, steps):
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
     loss = float(loss.detach())
-    del model, opt, tokens
+    model = opt = tokens = None  # free the GPU memory before JAX runs
     if device == "cuda":
         torch.cuda.empty_cache()
     return statistics.median(times), loss
@@ -136,6 +149,10 @@ def main():
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--loss_chunk", type=int, default=0, help="tokens per logits chunk; 0: all")
     p.add_argument("--skip_torch", action="store_true")
+    p.add_argument("--profile_dir", default=None, help="write a trace of 3 of our steps here")
+    p.add_argument("--cast_params", action="store_true",
+                   help="cast weight matrices to bf16 once per step (not inside each layer)")
+    p.add_argument("--no_scan", action="store_true", help="unrolled layers instead of nn.scan")
     p.add_argument("--smoke", action="store_true")
     a = p.parse_args()
     if a.smoke:
@@ -143,19 +160,21 @@ def main():
         seq, steps = 64, 1
     else:
         cfg = decoder.make_config(a.variant, dtype="bfloat16", param_dtype="float32",
-                                  scan_layers=True, remat_policy=a.remat,
+                                  scan_layers=not a.no_scan, remat_policy=a.remat,
                                   attention_impl=a.attention)
         seq, steps = a.seq, a.steps
     kind = jax.devices()[0].device_kind
     peak = next((v for k, v in PEAK_BF16.items() if k in kind), None)
     print(f"device: {kind}; jax {jax.__version__}; {a.variant if not a.smoke else 'tiny'} "
           f"batch {a.batch} x {seq} tokens; ours: attention={cfg.attention_impl}, "
-          f"remat={cfg.remat_policy}, scan, loss_chunk={a.loss_chunk}")
+          f"remat={cfg.remat_policy}, scan={cfg.scan_layers}, loss_chunk={a.loss_chunk}, "
+          f"cast_params={a.cast_params}")
     # PyTorch runs first and returns its cached memory before JAX allocates (both share the GPU).
     dt_t = None
     if not a.skip_torch:
         dt_t, loss_t = torch_hf(cfg, a.batch, seq, steps)
-    dt, n_params, loss = ours(cfg, a.batch, seq, steps, 16 if a.smoke else a.loss_chunk)
+    dt, n_params, loss = ours(cfg, a.batch, seq, steps, 16 if a.smoke else a.loss_chunk,
+                              a.profile_dir, a.cast_params)
     tokens = a.batch * seq
     flops = model_flops_per_token(cfg, n_params, seq) * tokens
     mfu = f", MFU {flops / dt / peak:.1%}" if peak else ""

@@ -55,6 +55,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.max_skipped_fraction = 0.5  # abort if more than this fraction of records are unreadable
     # Tokens per chunk of the vocabulary projection in the loss (0: whole-batch logits).
     c.loss_chunk = 0 if demo else 2048
+    # Micro-batches per step (gradients accumulated); input.batch_size rows split into these.
+    c.grad_accum_steps = 1
 
     # Model. Each sub-dict holds every field of a module config (longvid_jax/models/*.py),
     # resolved from a named variant there, so `--config.model.llm.num_layers=4` works; the
@@ -63,7 +65,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if demo:
         c.model.llm = _fields(decoder.make_config(
             "tiny", vocab_size=_QWEN_VOCAB, tie_embeddings=True, hidden_size=128, head_dim=32,
-            mlp_dim=384))
+            mlp_dim=384, attention_impl="auto"))
         c.model.vision = _fields(vit.make_config("tiny", post_ln=False))
         c.model.vision_pool = None
         c.model.audio = _fields(audio.make_config("tiny"))
@@ -116,10 +118,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim.frozen = ("vision_tower/.*", "audio_encoder/.*")
 
     # Mesh and logical -> mesh axis rules (longvid_jax/sharding.py).
-    c.mesh = [("data", -1), ("fsdp", 1), ("tensor", 1)]
+    # ICI sizes count the devices of one granule (a TPU slice; else a host / process), DCN
+    # sizes count granules: by default data parallelism spans the slow network.
+    c.mesh = [("data", -1), ("fsdp", 1), ("tensor", 1), ("context", 1)]
+    c.dcn_mesh = [("data", -1)]
     c.sharding_rules = [
         ("act_batch", ("data", "fsdp")),
-        ("act_len", None),
+        ("act_len", "context"),
         ("act_embed", None),
         ("act_heads", "tensor"),
         ("act_kv_heads", "tensor"),

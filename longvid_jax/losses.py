@@ -1,5 +1,7 @@
 """Losses: next-token LM loss with a loss mask."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -50,16 +52,23 @@ def chunked_lm_loss(hidden: jax.Array, head: jax.Array, targets: jax.Array, weig
                     *, chunk_size: int, dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
     """`lm_loss(hidden @ head, ...)` without ever holding logits for more than `chunk_size` tokens.
 
-    Tokens are cut into chunks; each chunk's logits [chunk_size, V] are computed, reduced to
-    log-sum-exp and target logit, and dropped; `jax.checkpoint` recomputes them in the backward
-    pass, so memory is O(chunk_size * V) instead of O(B * T * V).
+    Tokens are cut into chunks. For each chunk the forward pass computes the logits
+    [chunk_size, V], their log-sum-exp and target logit, and also, since the gradient of
+    softmax cross-entropy is known there (dlogits = (softmax - onehot) * weight), the chunk's
+    gradients d hidden = dlogits head^T and d head += hidden^T dlogits; the logits are then
+    dropped. The backward pass only scales the stored gradients by the incoming cotangent. So
+    memory is O(chunk_size * V) instead of O(B * T * V), and the head costs the same three
+    matmuls as with full logits, with no recomputation (the fused linear cross-entropy of
+    Liger-Kernel, Hsu et al. 2024, section 3.1). Without differentiation only the loss is
+    computed.
 
     Args:
       hidden: [B, T, D] final hidden states.
       head: [D, V] output head (`Decoder.head_weight()`).
-      targets: int32[B, T]; weights: float32[B, T] (`next_token_targets`).
+      targets: int32[B, T]; weights: float32[B, T] (`next_token_targets`), not differentiated.
       chunk_size: tokens per chunk (B * T is padded up to a multiple).
-      dtype: matmul operand dtype (the model's compute dtype); logits accumulate in float32.
+      dtype: matmul operand dtype (the model's compute dtype; d logits is cast to it, as in
+        a model that returns logits in that dtype); logits and softmax are float32.
 
     Returns:
       (sum of weighted -log p(target), sum of weights), float32 scalars, equal to `lm_loss` on
@@ -71,17 +80,61 @@ def chunked_lm_loss(hidden: jax.Array, head: jax.Array, targets: jax.Array, weig
     h = jnp.pad(hidden.reshape(n, d), ((0, pad), (0, 0))).reshape(-1, chunk_size, d)
     t = jnp.pad(targets.reshape(n), (0, pad)).reshape(-1, chunk_size)
     w = jnp.pad(weights.reshape(n).astype(jnp.float32), (0, pad)).reshape(-1, chunk_size)
+    total = _fused_head_nll(h, head, t, w, jnp.dtype(dtype))
+    return total, weights.sum().astype(jnp.float32)
 
-    @jax.checkpoint
-    def chunk_nll(h_c, t_c, w_c):
-        logits = jnp.einsum("TD,DV->TV", h_c.astype(dtype), head.astype(dtype),
-                            preferred_element_type=jnp.float32)
-        logz = jax.nn.logsumexp(logits, axis=-1)
-        target_logit = jnp.take_along_axis(logits, t_c[:, None], axis=-1)[:, 0]
-        return jnp.sum((logz - target_logit) * w_c)
+
+def _chunk_logits(h_c, head, dtype):
+    return jnp.einsum("TD,DV->TV", h_c.astype(dtype), head.astype(dtype),
+                      preferred_element_type=jnp.float32)
+
+
+def _chunk_nll(logits, t_c, w_c):
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, t_c[:, None], axis=-1)[:, 0]
+    return jnp.sum((logz - target_logit) * w_c), logz
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _fused_head_nll(h, head, t, w, dtype):
+    """Summed weighted NLL of chunked hidden h [C, c, D] through head [D, V] (loss only)."""
 
     def body(total, xs):
-        return total + chunk_nll(*xs), None
+        h_c, t_c, w_c = xs
+        nll, _ = _chunk_nll(_chunk_logits(h_c, head, dtype), t_c, w_c)
+        return total + nll, None
 
     total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (h, t, w))
-    return total, weights.sum().astype(jnp.float32)
+    return total
+
+
+def _fused_head_nll_fwd(h, head, t, w, dtype):
+    vocab = head.shape[1]
+
+    def body(carry, xs):
+        total, d_head = carry
+        h_c, t_c, w_c = xs
+        logits = _chunk_logits(h_c, head, dtype)
+        nll, logz = _chunk_nll(logits, t_c, w_c)
+        d_logits = jnp.exp(logits - logz[:, None])
+        d_logits = (d_logits - jax.nn.one_hot(t_c, vocab, dtype=jnp.float32)) * w_c[:, None]
+        d_logits = d_logits.astype(dtype)
+        d_h = jnp.einsum("TV,DV->TD", d_logits, head.astype(dtype),
+                         preferred_element_type=jnp.float32).astype(h.dtype)
+        d_head = d_head + jnp.einsum("TD,TV->DV", h_c.astype(dtype), d_logits,
+                                     preferred_element_type=jnp.float32)
+        return (total + nll, d_head), d_h
+
+    init = (jnp.zeros((), jnp.float32), jnp.zeros(head.shape, jnp.float32))
+    (total, d_head), d_h = jax.lax.scan(body, init, (h, t, w))
+    return total, (d_h, d_head.astype(head.dtype), w)
+
+
+def _fused_head_nll_bwd(dtype, res, g):
+    del dtype
+    d_h, d_head, w = res
+    scale = lambda x: (g * x.astype(jnp.float32)).astype(x.dtype)  # noqa: E731
+    return scale(d_h), scale(d_head), None, jnp.zeros_like(w)
+
+
+_fused_head_nll.defvjp(_fused_head_nll_fwd, _fused_head_nll_bwd)

@@ -2,10 +2,12 @@
 
 The config holds both (big_vision / MaxText habit):
 
-    config.mesh = [("data", -1), ("fsdp", 1), ("tensor", 1), ("context", 1)]
+    config.mesh = [("data", -1), ("fsdp", 1), ("tensor", 1), ("context", 1)]   # per slice / host
+    config.dcn_mesh = [("data", -1)]                                            # across them
     config.sharding_rules = [("act_batch", ("data", "fsdp")), ("embed", "fsdp"), ...]
 
-A size of -1 takes the devices left over. Model code only names logical axes
+A size of -1 takes the devices left over. ICI sizes count devices within a granule (a TPU
+slice, or a process on GPU / CPU), DCN sizes count granules. Model code only names logical axes
 (`longvid_jax.models`); this module is the one place that maps them to mesh axes.
 """
 
@@ -15,43 +17,98 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor", "context")
 BATCH_AXES = ("data", "fsdp")  # the mesh axes a global batch is split over
 
 
-def make_mesh(mesh_cfg: Sequence[tuple[str, int]], devices: Sequence[Any] | None = None) -> Mesh:
-    """Builds a `jax.sharding.Mesh` from `[(axis_name, size), ...]`.
+def _resolve_sizes(cfg: Sequence[tuple[str, int]], total: int, what: str) -> list[int]:
+    """Sizes of `cfg` with its (at most one) -1 filled so that they multiply to `total`."""
+    sizes = [int(size) for _, size in cfg]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"at most one mesh size may be -1: {list(cfg)}")
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if sizes.count(-1):
+        if total % known:
+            raise ValueError(f"{total} {what} do not divide into mesh {list(cfg)}")
+        sizes[sizes.index(-1)] = total // known
+    if int(np.prod(sizes)) != total:
+        names = [name for name, _ in cfg]
+        raise ValueError(f"mesh {dict(zip(names, sizes))} needs {int(np.prod(sizes))} "
+                         f"{what}, have {total}")
+    return sizes
+
+
+def granules(devices: Sequence[Any]) -> list[list[Any]]:
+    """Devices grouped by the slow network between them: TPU slices (`slice_index`) when the
+    devices have one, else processes (GPU hosts, CPU processes). Groups are sorted by key."""
+    key = ((lambda d: d.slice_index) if all(hasattr(d, "slice_index") for d in devices)
+           else (lambda d: d.process_index))
+    groups: dict[int, list[Any]] = {}
+    for d in devices:
+        groups.setdefault(key(d), []).append(d)
+    return [groups[k] for k in sorted(groups)]
+
+
+def device_grid(mesh_cfg: Sequence[tuple[str, int]], devices: Sequence[Any],
+                dcn_mesh_cfg: Sequence[tuple[str, int]] | None = None) -> np.ndarray:
+    """The devices of a mesh: an array whose axis i has size ICI size i x DCN size i.
+
+    A multi-slice TPU job or a multi-host GPU job has two networks: fast ICI / NVLink inside a
+    granule (a TPU slice, else a process) and slow DCN between granules. Each mesh axis has an
+    ICI size (devices within a granule) and a DCN size (granules); the axis spans their product
+    (`mesh_utils.create_hybrid_device_mesh`), so e.g. `data` can run across slices while `fsdp`
+    and `tensor` stay inside one. With a single granule this is `create_device_mesh` (which
+    orders TPU devices by their physical topology).
 
     Args:
-      mesh_cfg: axis names (from `MESH_AXES`) and sizes; at most one size may be -1, meaning
-        "all remaining devices". One device is a valid mesh of all-1 sizes.
-      devices: devices to use (default `jax.devices()`).
+      mesh_cfg: ICI axis names (from `MESH_AXES`) and sizes per granule; at most one size may
+        be -1, meaning "the remaining devices of a granule". One device is a valid mesh.
+      devices: the devices to arrange.
+      dcn_mesh_cfg: DCN sizes `[(axis_name, size), ...]` over granules, names among
+        `mesh_cfg`'s; missing names have size 1; one size may be -1 ("the remaining
+        granules"). Default: `data` takes every granule.
 
     Raises:
-      ValueError: unknown or repeated axis names, several -1 sizes, or sizes that do not
-        multiply to the device count.
+      ValueError: unknown or repeated axis names, several -1 sizes, sizes that do not multiply
+        to the device (or granule) count, or granules of unequal size.
     """
-    devices = list(jax.devices() if devices is None else devices)
+    devices = list(devices)
     names = [name for name, _ in mesh_cfg]
-    sizes = [int(size) for _, size in mesh_cfg]
     for name in names:
         if name not in MESH_AXES:
             raise ValueError(f"unknown mesh axis {name!r}; known: {MESH_AXES}")
     if len(set(names)) != len(names):
         raise ValueError(f"mesh axis named twice in {names}")
-    if sizes.count(-1) > 1:
-        raise ValueError(f"at most one mesh size may be -1: {mesh_cfg}")
-    known = int(np.prod([s for s in sizes if s != -1]))
-    if sizes.count(-1):
-        if len(devices) % known:
-            raise ValueError(f"{len(devices)} devices do not divide into mesh {mesh_cfg}")
-        sizes[sizes.index(-1)] = len(devices) // known
-    if int(np.prod(sizes)) != len(devices):
-        raise ValueError(f"mesh {dict(zip(names, sizes))} needs {int(np.prod(sizes))} devices, "
-                         f"have {len(devices)}")
-    return Mesh(np.asarray(devices).reshape(sizes), tuple(names))
+    dcn = dict(dcn_mesh_cfg if dcn_mesh_cfg is not None else [("data", -1)])
+    for name in dcn:
+        if name not in names:
+            raise ValueError(f"DCN mesh axis {name!r} is not an axis of the mesh {names}")
+    groups = granules(devices)
+    if len({len(g) for g in groups}) != 1:
+        raise ValueError(f"granules of unequal size: {[len(g) for g in groups]}")
+    dcn_sizes = _resolve_sizes([(n, dcn.get(n, 1)) for n in names], len(groups), "granules (DCN)")
+    ici_sizes = _resolve_sizes(mesh_cfg, len(groups[0]), "devices per granule (ICI)")
+    if len(groups) == 1:
+        try:
+            grid = mesh_utils.create_device_mesh(ici_sizes, devices,
+                                                 allow_split_physical_axes=True)
+        except (ValueError, NotImplementedError, AssertionError):
+            grid = np.asarray(devices).reshape(ici_sizes)  # e.g. a subset of a TPU slice
+    else:
+        grid = mesh_utils.create_hybrid_device_mesh(
+            ici_sizes, dcn_sizes, devices, allow_split_physical_axes=True,
+            process_is_granule=not all(hasattr(d, "slice_index") for d in devices))
+    return grid
+
+
+def make_mesh(mesh_cfg: Sequence[tuple[str, int]], devices: Sequence[Any] | None = None,
+              dcn_mesh_cfg: Sequence[tuple[str, int]] | None = None) -> Mesh:
+    """`jax.sharding.Mesh` over `device_grid(mesh_cfg, devices, dcn_mesh_cfg)` (see there)."""
+    devices = list(jax.devices() if devices is None else devices)
+    return Mesh(device_grid(mesh_cfg, devices, dcn_mesh_cfg), tuple(n for n, _ in mesh_cfg))
 
 
 def check_rules(rules: Sequence[tuple[str, Any]], mesh: Mesh) -> tuple[tuple[str, Any], ...]:

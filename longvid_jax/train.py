@@ -86,7 +86,7 @@ class Trainer:
 
     @classmethod
     def create(cls, config, devices=None) -> "Trainer":
-        mesh = sharding.make_mesh(config.mesh, devices)
+        mesh = sharding.make_mesh(config.mesh, devices, config.get("dcn_mesh"))
         rules = sharding.check_rules(config.sharding_rules, mesh)
         model_cfg = video_llm.make_config(config.model)
         model = video_llm.VideoLLM(model_cfg)
@@ -143,16 +143,60 @@ class Trainer:
             nll, count = losses.lm_loss(logits, targets, weights)
         return nll / jnp.maximum(count, 1.0), (nll, count)
 
+    def grads(self, params, batch):
+        """Summed next-token NLL, target count and the gradient of the mean loss.
+
+        With `config.grad_accum_steps = n > 1` the batch is cut into n micro-batches (rows
+        j, j + n, j + 2n, ... form micro-batch j, so each stays spread over the batch shards)
+        that run one after another under `lax.scan`, accumulating float32 gradients of the
+        summed NLL; the result equals one pass over the whole batch (the mean is over all
+        target tokens of the batch), with the activation memory of one micro-batch.
+
+        Raises:
+          ValueError: the batch rows per process are not a multiple of n.
+        """
+        n = int(self.config.get("grad_accum_steps", 1))
+        if n == 1:
+            (_, (nll, count)), grads = jax.value_and_grad(self.loss_fn, has_aux=True)(
+                params, batch)
+            return nll, count, grads
+        rows = batch["input_ids"].shape[0]
+        if rows % n:
+            raise ValueError(f"batch of {rows} rows does not split into grad_accum_steps={n}")
+
+        def split(x):
+            x = x.reshape(rows // n, n, *x.shape[1:]).swapaxes(0, 1)
+            spec = sharding.batch_sharding(self.mesh, x.ndim - 1).spec
+            return jax.lax.with_sharding_constraint(
+                x, jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(None, *spec)))
+
+        def sum_loss(p, micro):
+            _, (nll, count) = self.loss_fn(p, micro)
+            return nll, count
+
+        def body(carry, micro):
+            nll, count, acc = carry
+            (m_nll, m_count), g = jax.value_and_grad(sum_loss, has_aux=True)(params, micro)
+            acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), acc, g)
+            return (nll + m_nll, count + m_count, acc), None
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        (nll, count, acc), _ = jax.lax.scan(
+            body, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros),
+            jax.tree.map(split, batch))
+        grads = jax.tree.map(lambda g, p: (g / jnp.maximum(count, 1.0)).astype(p.dtype),
+                             acc, params)
+        return nll, count, grads
+
     @functools.cached_property
     def train_step(self):
         """Jitted `(state, batch) -> (state, metrics)`; the state buffers are donated."""
 
         def step(state, batch):
-            grad_fn = jax.value_and_grad(self.loss_fn, has_aux=True)
-            (loss, (_, count)), grads = grad_fn(state["params"], batch)
+            nll, count, grads = self.grads(state["params"], batch)
             updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
             params = optax.apply_updates(state["params"], updates)
-            metrics = {"loss": loss, "target_tokens": count,
+            metrics = {"loss": nll / jnp.maximum(count, 1.0), "target_tokens": count,
                        "grad_norm": optax.tree.norm(grads),
                        "lr": self.schedule(state["step"])}
             return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics

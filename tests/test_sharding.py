@@ -1,3 +1,5 @@
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -24,12 +26,42 @@ def test_one_device_is_a_mesh():
 @pytest.mark.parametrize("cfg, msg", [
     ([("data", 2), ("data", 2)], "twice"),
     ([("data", -1), ("fsdp", -1)], "at most one"),
-    ([("data", 3)], "needs 3 devices"),
+    ([("data", 3)], "needs 3 devices per granule"),
     ([("batch", 4)], "unknown mesh axis"),
 ])
 def test_make_mesh_errors(cfg, msg):
     with pytest.raises(ValueError, match=msg):
         sharding.make_mesh(cfg)
+
+
+@dataclasses.dataclass(frozen=True)
+class FakeDevice:
+    """Stands in for a device of a 2-host GPU job (granule = process)."""
+    id: int
+    process_index: int
+    platform: str = "gpu"
+    device_kind: str = "fake"
+
+
+def test_device_grid_hybrid_ici_dcn():
+    devices = [FakeDevice(i, i // 4) for i in range(8)]  # 2 hosts x 4 GPUs
+    ids = np.vectorize(lambda d: d.id)
+    # Default DCN: `data` spans the hosts; fsdp stays inside each host.
+    grid = sharding.device_grid([("data", -1), ("fsdp", 2)], devices)
+    np.testing.assert_array_equal(ids(grid), [[0, 1], [2, 3], [4, 5], [6, 7]])
+    # fsdp over both networks: 4 per host x 2 hosts.
+    grid = sharding.device_grid([("data", 1), ("fsdp", -1)], devices, [("fsdp", 2)])
+    np.testing.assert_array_equal(ids(grid), [list(range(8))])
+    # tensor inside a host, data across hosts and the rest of each host.
+    grid = sharding.device_grid([("data", -1), ("tensor", 2)], devices, [("data", 2)])
+    assert grid.shape == (4, 2)
+    assert all(len({d.process_index for d in row}) == 1 for row in grid)  # tensor never on DCN
+    with pytest.raises(ValueError, match="granules"):
+        sharding.device_grid([("data", -1)], devices, [("data", 3)])
+    with pytest.raises(ValueError, match="not an axis of the mesh"):
+        sharding.device_grid([("data", -1)], devices, [("fsdp", 2)])
+    with pytest.raises(ValueError, match="unequal"):
+        sharding.device_grid([("data", -1)], devices[:7])
 
 
 def test_logical_to_spec_and_collision():

@@ -110,27 +110,37 @@ def test_resume_is_bitwise_and_data_continues(tmp_path):
                                                            for m in m_straight[2:]]
 
 
-def test_train_step_on_4_device_mesh_matches_one_device(tmp_path):
+def test_train_step_on_4_device_meshes_matches_one_device(tmp_path):
+    """data x fsdp with the chunked loss, and data x context (ring attention in the LLM) with
+    2 accumulated micro-batches: the same loss and update as one device and one pass."""
     records = [record(SAMPLES / "realshort.mp4"), record(SAMPLES / "movie-hello.mp4"),
                record(SAMPLES / "cockatoo.mp4"), record(SAMPLES / "realshort.mp4", "Again?")]
     c1 = small_config(tmp_path, records, **{"input.batch_size": 4, "input.shuffle": False})
-    c4 = small_config(tmp_path, records, **{"input.batch_size": 4, "input.shuffle": False})
-    c4.mesh = [("data", 2), ("fsdp", 2), ("tensor", 1)]
-    c4.loss_chunk = 96  # the sharded run also takes the chunked loss: same numbers
     t1 = train.Trainer.create(c1, jax.devices()[:1])
-    t4 = train.Trainer.create(c4, jax.devices()[:4])
     from longvid_jax.input import pipeline
     it = pipeline.make_iterator(
         c1.input, num_video_tokens=lambda n: video_llm.num_video_tokens(t1.model_cfg, n))
     batch = next(it)
     batch.pop("num_skipped", None)
+    batch.pop("record_index", None)
+    assert batch["input_ids"].shape[1] % 4 == 0  # padded to a multiple ring attention splits
     s1, m1 = t1.train_step(t1.init_state(0), t1.device_batch(batch))
-    s4, m4 = t4.train_step(t4.init_state(0), t4.device_batch(batch))
-    assert len(s4["params"]["llm"]["embed_tokens"]["embedding"].sharding.device_set) == 4
-    np.testing.assert_allclose(float(m4["loss"]), float(m1["loss"]), rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b),
-                                                         atol=2e-6, rtol=1e-4),
-                 s1["params"], s4["params"])
+
+    fsdp = small_config(tmp_path, records, **{"input.batch_size": 4, "input.shuffle": False})
+    fsdp.mesh = [("data", 2), ("fsdp", 2), ("tensor", 1), ("context", 1)]
+    fsdp.loss_chunk = 96  # the sharded run also takes the chunked loss: same numbers
+    ctx = small_config(tmp_path, records, **{"input.batch_size": 4, "input.shuffle": False})
+    ctx.mesh = [("data", 2), ("fsdp", 1), ("tensor", 1), ("context", 2)]
+    ctx.grad_accum_steps = 2
+    for c in (fsdp, ctx):
+        t4 = train.Trainer.create(c, jax.devices()[:4])
+        s4, m4 = t4.train_step(t4.init_state(0), t4.device_batch(batch))
+        assert len(s4["params"]["llm"]["embed_tokens"]["embedding"].sharding.device_set) == 4
+        np.testing.assert_allclose(float(m4["loss"]), float(m1["loss"]), rtol=1e-5)
+        assert float(m4["target_tokens"]) == float(m1["target_tokens"])
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b),
+                                                             atol=2e-6, rtol=1e-4),
+                     s1["params"], s4["params"])
 
 
 def _strip_audio(src, dst):

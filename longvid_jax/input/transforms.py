@@ -16,7 +16,8 @@ import grain
 import numpy as np
 from absl import logging
 
-from longvid_jax.input import audio, chat, decode, tokenizer as tokenizer_lib
+from longvid_jax.input import audio, chat, decode
+from longvid_jax.input import tokenizer as tokenizer_lib
 from longvid_jax.input.sources import AnnotationError
 
 ERROR_KEY = "_failed"  # marks a record that failed; never reaches the model

@@ -62,6 +62,16 @@ def select_implementation(
     return "xla"
 
 
+def _dividing(axes, dim: int, mesh) -> str | tuple[str, ...] | None:
+    """`axes` (a mesh axis name, a tuple of them or None) if their sizes divide `dim`, else
+    None."""
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    size = 1
+    for name in names:
+        size *= mesh.shape[name]
+    return axes if names and dim % size == 0 else None
+
+
 def score_bytes(q_shape, kv_len: int) -> int:
     """Bytes of the float32 [B, N, T, S] scores the XLA path would materialise."""
     b, t, n, _ = q_shape
@@ -101,7 +111,8 @@ def attention(
         the segment ids and the mesh) or one name of the module docstring.
       max_score_bytes: the XLA path (and each ring step's local tile) refuses to build float32
         scores larger than this.
-      mesh, axis: the device mesh and its axis for ring attention ("ring", or "auto" when that
+      mesh, axis: the device mesh (a `Mesh`, or the `AbstractMesh` of `jax.set_mesh`) and its
+        axis for ring attention ("ring", or "auto" when that
         axis has more than one device). Inputs are global arrays, T sharded over `axis`.
       batch_axes, head_axes: mesh axes sharding B and N / K inside ring attention (leave None
         only when B / heads are replicated: shard_map would otherwise gather them).
@@ -153,6 +164,10 @@ def attention(
     if mesh is None:
         raise ValueError("ring attention needs a mesh (and its axis)")
     d = mesh.shape[axis]
+    # Batch / head axes that do not divide their dimension (e.g. a batch of 1 at init) are
+    # replicated inside the ring instead.
+    batch_axes = _dividing(batch_axes, q.shape[0], mesh)
+    head_axes = _dividing(head_axes, min(q.shape[2], k.shape[2]), mesh)
     other = 1
     for names in (batch_axes, head_axes):
         for name in (names,) if isinstance(names, str) else names or ():

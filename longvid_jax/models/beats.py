@@ -246,7 +246,7 @@ class BEATsLayer(nn.Module):
           (output [B, T, D], output again if `collect_output` else None).
         """
         cfg = self.config
-        d, n, h, m = cfg.width, cfg.num_heads, cfg.head_dim, cfg.mlp_dim
+        d, m = cfg.width, cfg.mlp_dim
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         kw = dict(dtype=dtype, param_dtype=pdtype)
         alpha = cfg.deep_norm_alpha

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
+from longvid_jax.kernels import dispatch
 from longvid_jax.models import (
     ACT_BATCH,
     ACT_BTD,
@@ -51,14 +52,51 @@ from longvid_jax.models import (
     MLP,
     VOCAB,
 )
-from longvid_jax.kernels import dispatch
 from longvid_jax.models.layers import Einsum, RMSNorm, activation, fan_in_init
 
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor",
                 "original_max_position_embeddings")
-_REMAT_POLICIES = ("none", "full", "dots")
-# Ring attention needs the mesh, which model code does not see; it is called by the trainer.
-_ATTENTION_IMPLS = tuple(i for i in dispatch.IMPLEMENTATIONS if i != "ring")
+_REMAT_POLICIES = ("none", "full", "dots", "dots_attention")
+
+
+def dots_and_attention_saveable(prim, *args, **params) -> bool:
+    """Remat policy: save projection matmuls (as `dots_with_no_batch_dims_saveable`) and the
+    forward outputs of the flash-attention kernels (output and log-sum-exp of cuDNN's
+    `dot_product_attention_fwd`, or of our Pallas kernels), so the backward pass recomputes
+    only elementwise work (norms, RoPE, SwiGLU), never attention."""
+    if prim.name.startswith("dot_product_attention_fwd") or prim.name == "pallas_call":
+        return True
+    return jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *args, **params)
+_ATTENTION_IMPLS = dispatch.IMPLEMENTATIONS
+
+
+def _one_axis(axes) -> str | None:
+    """A single mesh axis name from a `PartitionSpec` entry (None, a name or a 1-tuple)."""
+    if axes is None or isinstance(axes, str):
+        return axes
+    if len(axes) == 1:
+        return axes[0]
+    raise ValueError(f"the sequence axis is sharded over several mesh axes {axes}; ring "
+                     "attention runs over one")
+
+
+def context_parallel_kwargs() -> dict:
+    """Mesh arguments of `dispatch.attention` for context parallelism, from the context.
+
+    The mesh is the one set by `jax.set_mesh` (the trainer's), and the mesh axes come from the
+    logical rules in scope (`nn.logical_axis_rules`): the axis `ACT_LEN` maps to carries the
+    ring, `ACT_BATCH` / `ACT_HEADS` give the batch and head axes. So model code never names a
+    mesh axis, and a config with `("act_len", "context")` and a `context` mesh axis of size > 1
+    runs ring attention. Without a mesh (or rules) this returns `{}`.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        return {}
+    batch, length, heads, _ = nn.logical_to_mesh_axes((ACT_BATCH, ACT_LEN, ACT_HEADS, None))
+    axis = _one_axis(length)
+    if axis is None:
+        return {}
+    return {"mesh": mesh, "axis": axis, "batch_axes": batch, "head_axes": heads}
 
 
 def _canonical_rope_scaling(value: Any) -> tuple | None:
@@ -118,11 +156,14 @@ class DecoderConfig:
       dtype: compute dtype (name or jnp dtype); norms, RoPE, softmax and logits stay float32.
       param_dtype: storage dtype of the weights.
       scan_layers: run the layers with `nn.scan` (parameters stacked on a leading L axis).
-      remat_policy: "none", "full" (save nothing per layer) or "dots" (save the projection
+      remat_policy: "none", "full" (save nothing per layer), "dots" (save the projection
         matmuls, `jax.checkpoint_policies.dots_with_no_batch_dims_saveable`, recompute the rest,
-        attention logits included).
+        attention included) or "dots_attention" (also save the flash-attention outputs:
+        `dots_and_attention_saveable`).
       attention_impl: `kernels.dispatch.attention` implementation: "xla", "cudnn" (no
-        segment ids), "pallas_gpu", "splash", or "auto" (chosen from the platform).
+        segment ids), "pallas_gpu", "splash", "ring" (over the mesh axis that the logical
+        rules give `act_len`; see `context_parallel_kwargs`), or "auto" (ring when that axis
+        has several devices, else chosen from the platform).
       max_score_bytes: the XLA path refuses to build float32 scores [B, N, T, T] above this.
     """
 
@@ -365,7 +406,8 @@ class Attention(nn.Module):
         # Causal by index (as HF), restricted to equal segment ids (packing / padding).
         out = dispatch.attention(q, kk, v, causal=True, segment_ids=segment_ids,
                                  implementation=cfg.attention_impl,
-                                 max_score_bytes=cfg.max_score_bytes)
+                                 max_score_bytes=cfg.max_score_bytes,
+                                 **context_parallel_kwargs())
         out = nn.with_logical_constraint(out, (ACT_BATCH, ACT_LEN, ACT_HEADS, None))
         return Einsum((n, h, d), (HEADS, HEAD_DIM, EMBED), fan_in_axes=(0, 1), name="o_proj",
                       **proj)("BTNH,NHD->BTD", out)
@@ -424,8 +466,9 @@ class Decoder(nn.Module):
         self.embed_tokens = Embedder(cfg)
         layer_cls = DecoderLayer
         if cfg.remat_policy != "none":
-            policy = (None if cfg.remat_policy == "full"
-                      else jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+            policy = {"full": None,
+                      "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+                      "dots_attention": dots_and_attention_saveable}[cfg.remat_policy]
             layer_cls = nn.remat(layer_cls, policy=policy, prevent_cse=not cfg.scan_layers)
         if cfg.scan_layers:
             self.layers = nn.scan(

@@ -465,7 +465,7 @@ class SVAConnector(nn.Module):
 def newline_layout(
     tokens: Float[Array, "B T D"],
     grid: Int[Array, "B 2"],
-    newline: Float[Array, "D"],
+    newline: Float[Array, " D"],
 ) -> tuple[Float[Array, "B T2 D"], Bool[Array, "B T2"]]:
     """The per-frame token sequence of TDC: the kept grid, each row ended by `image_newline`.
 

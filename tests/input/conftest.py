@@ -5,7 +5,8 @@ import os
 import pytest
 from absl import flags
 
-from longvid_jax.input import decode, tokenizer as tokenizer_lib
+from longvid_jax.input import decode
+from longvid_jax.input import tokenizer as tokenizer_lib
 
 
 @pytest.fixture(scope="package", autouse=True)

@@ -11,9 +11,7 @@ import pytest
 
 from longvid_jax.input import chat, decode, pipeline
 from longvid_jax.input.transforms import DecodeExample
-
 from tests.input.test_decode import remux_without_audio
-
 
 # 4 placeholders per frame; a partial of a builtin pickles without importing this module.
 video_tokens = functools.partial(operator.mul, 4)

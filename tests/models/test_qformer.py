@@ -375,8 +375,12 @@ _HF_Q = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, interme
 
 
 def test_config_from_hf():
-    from transformers import (Blip2Config, Blip2QFormerConfig, InstructBlipConfig,
-                              InstructBlipQFormerConfig)
+    from transformers import (
+        Blip2Config,
+        Blip2QFormerConfig,
+        InstructBlipConfig,
+        InstructBlipQFormerConfig,
+    )
 
     def sizes(c):
         return (c.width, c.depth, c.num_heads, c.mlp_dim, c.encoder_width,
@@ -403,8 +407,12 @@ def test_config_from_hf():
 def test_hf_keys_default_arguments_round_trip(flavor):
     """`hf_to_params(state, cfg)` as the import CLI calls it: flavor from the config, learned
     queries under `query_tokens`, state given as a stream of pairs; bitwise round trip."""
-    from transformers import (Blip2Config, Blip2QFormerModel, InstructBlipConfig,
-                              InstructBlipQFormerModel)
+    from transformers import (
+        Blip2Config,
+        Blip2QFormerModel,
+        InstructBlipConfig,
+        InstructBlipQFormerModel,
+    )
 
     full_cls, model_cls = ((Blip2Config, Blip2QFormerModel) if flavor == "blip2"
                            else (InstructBlipConfig, InstructBlipQFormerModel))

@@ -1,0 +1,110 @@
+"""The longest sequence one GPU trains, ours vs `transformers` (issue 4, benchmark 3).
+
+    python benchmarks/longest_sequence.py [--variant=qwen2_0_5b]
+        [--seqs=32768,65536,131072,262144,524288] [--stacks=ours,torch] [--remat=full]
+        [--loss_chunk=4096] [--timeout=300] [--smoke]
+
+For each stack and each length (ascending), one child process runs a warm-up training step and
+one timed step (AdamW, batch 1, next-token loss over every position) of the Qwen2-0.5B-shaped
+model, and reports whether it fit, its peak device memory and its time; a stack stops at its
+first failure. Ours: bf16 compute, float32 master weights, `nn.scan`, remat policy
+`--remat`, cuDNN attention, the chunked (fused) cross-entropy of `losses.chunked_lm_loss`, and
+XLA allowed 95% of the GPU memory. PyTorch: `Qwen2ForCausalLM` in bf16 with SDPA attention,
+gradient checkpointing and fused AdamW (the step of `llm_train_step.py`). Children keep a failure
+(out of memory) from poisoning the next attempt. `--smoke` runs a tiny model on CPU (CI).
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def child(a) -> dict:
+    """One attempt in this process: {"ok", "seconds", "peak_gb", "loss" | "error"}."""
+    import jax
+
+    sys.path.insert(0, HERE)
+    import llm_train_step as bench  # noqa: E402  (same folder)
+
+    from longvid_jax.models import decoder
+
+    if a.smoke:
+        cfg = decoder.make_config("tiny", scan_layers=True, remat_policy=a.remat)
+    else:
+        cfg = decoder.make_config(a.variant, dtype="bfloat16", param_dtype="float32",
+                                  scan_layers=True, remat_policy=a.remat,
+                                  attention_impl="cudnn")
+    try:
+        if a.stack == "ours":
+            dt, _, loss = bench.ours(cfg, 1, a.seq, 1, a.loss_chunk)
+            stats = jax.devices()[0].memory_stats() or {}
+            peak = stats.get("peak_bytes_in_use", 0)
+        else:
+            import torch
+            dt, loss = bench.torch_hf(cfg, 1, a.seq, 1)
+            peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
+    except Exception as e:  # out of memory (XlaRuntimeError / torch.OutOfMemoryError) or worse
+        return {"ok": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+    return {"ok": True, "seconds": dt, "peak_gb": peak / 1e9, "loss": loss}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--variant", default="qwen2_0_5b")
+    p.add_argument("--seqs", default="32768,65536,131072,262144,524288")
+    p.add_argument("--stacks", default="ours,torch")
+    p.add_argument("--remat", default="full")
+    p.add_argument("--loss_chunk", type=int, default=4096)
+    p.add_argument("--timeout", type=int, default=300, help="seconds per attempt")
+    p.add_argument("--smoke", action="store_true")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--stack", default="ours", help=argparse.SUPPRESS)
+    p.add_argument("--seq", type=int, default=0, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.child:
+        print("RESULT " + json.dumps(child(a)), flush=True)
+        return
+    seqs = [64, 128] if a.smoke else [int(s) for s in a.seqs.split(",")]
+    env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION="0.95")
+    env.pop("XLA_PYTHON_CLIENT_PREALLOCATE", None)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(HERE),
+                                                      env.get("PYTHONPATH")]))
+    print(f"{a.variant if not a.smoke else 'tiny'}, batch 1, remat {a.remat}, "
+          f"loss chunk {a.loss_chunk} (ours)")
+    for stack in a.stacks.split(","):
+        longest = None
+        for seq in seqs:
+            cmd = [sys.executable, __file__, "--child", f"--stack={stack}", f"--seq={seq}",
+                   f"--variant={a.variant}", f"--remat={a.remat}",
+                   f"--loss_chunk={16 if a.smoke else a.loss_chunk}"] + (
+                       ["--smoke"] if a.smoke else [])
+            t0 = time.perf_counter()
+            try:
+                out = subprocess.run(cmd, env=env, capture_output=True, text=True,
+                                     timeout=a.timeout)
+                lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+                res = (json.loads(lines[-1][7:]) if lines else
+                       {"ok": False, "error": f"exit {out.returncode}: "
+                        f"{out.stderr.strip().splitlines()[-1][:300] if out.stderr else ''}"})
+            except subprocess.TimeoutExpired:
+                res = {"ok": False, "error": f"timeout after {a.timeout} s"}
+            wall = time.perf_counter() - t0
+            if res["ok"]:
+                longest = seq
+                print(f"{stack} T={seq}: ok, step {res['seconds']:.2f} s "
+                      f"({seq / res['seconds']:,.0f} tokens/s), peak {res['peak_gb']:.1f} GB, "
+                      f"loss {res['loss']:.3f} (attempt {wall:.0f} s)", flush=True)
+            else:
+                print(f"{stack} T={seq}: FAILED {res['error']} (attempt {wall:.0f} s)",
+                      flush=True)
+                break
+        print(f"{stack}: longest trained sequence {longest} tokens", flush=True)
+
+
+if __name__ == "__main__":
+    main()
