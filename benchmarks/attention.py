@@ -2,6 +2,9 @@
 
     python benchmarks/attention.py [--seq=8192,32768] [--impls=cudnn,pallas_gpu,xla] [--smoke]
 
+An implementation "pallas_gpu@BQ/BK/WARPS/STAGES" runs our Pallas kernel with those tile sizes
+and Triton parameters (tuning).
+
 Causal GQA with 28 query / 4 kv heads, head dim 128, batch 1, bf16 (issue 4, benchmark 2). Each
 implementation is checked against the float32 reference on a short sequence first, then timed:
 median of `--iters` runs of a jitted `grad(sum(attention(q, k, v) * w))` after warm-up. FLOPs count
@@ -18,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from longvid_jax.kernels import dispatch
+from longvid_jax.kernels import dispatch, flash_gpu
 
 
 def _inputs(seq, heads, kv_heads, head_dim, dtype, packed):
@@ -33,10 +36,24 @@ def _inputs(seq, heads, kv_heads, head_dim, dtype, packed):
     return q, k, v, w, seg
 
 
+def _attention(impl, interpret):
+    """`dispatch.attention` for a name; "pallas_gpu@BQ/BK/WARPS/STAGES" calls our Pallas kernel
+    with those tile sizes and Triton parameters (for tuning its defaults)."""
+    if "@" in impl:
+        bq, bk, warps, stages = (int(x) for x in impl.split("@")[1].split("/"))
+        return lambda q, k, v, seg: flash_gpu.flash_attention(
+            q, k, v, causal=True, q_segment_ids=seg, kv_segment_ids=seg, block_q=bq,
+            block_k=bk, num_warps=warps, num_stages=stages, interpret=interpret)
+    return lambda q, k, v, seg: dispatch.attention(
+        q, k, v, causal=True, segment_ids=seg, implementation=impl, interpret=interpret,
+        max_score_bytes=1 << 40)
+
+
 def _loss_fn(impl, interpret):
+    attention = _attention(impl, interpret)
+
     def loss(q, k, v, w, seg):
-        out = dispatch.attention(q, k, v, causal=True, segment_ids=seg, implementation=impl,
-                                 interpret=interpret, max_score_bytes=1 << 40)
+        out = attention(q, k, v, seg)
         return jnp.sum(out.astype(jnp.float32) * w.astype(jnp.float32))
     return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
 

@@ -33,7 +33,7 @@ def tower_flops_per_frame(cfg: vit.ViTConfig) -> float:
     return cfg.num_layers_run * per_layer + patch
 
 
-def ours(cfg, frames: np.ndarray, steps: int) -> tuple[float, np.ndarray]:
+def ours(cfg, frames: np.ndarray, steps: int, profile_dir=None) -> tuple[float, np.ndarray]:
     model = vit.ViT(cfg)
     x = jnp.asarray(frames, cfg.dtype)
     params = jax.jit(lambda k: model.init(k, x[:1])["params"])(jax.random.key(0))
@@ -47,6 +47,11 @@ def ours(cfg, frames: np.ndarray, steps: int) -> tuple[float, np.ndarray]:
         out = fwd(params, x)
         jax.block_until_ready(out)
         times.append(time.perf_counter() - t)
+    if profile_dir:  # a trace of 3 calls (Perfetto JSON + XPlane) for kernel-level breakdowns
+        with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
+            for _ in range(3):
+                out = fwd(params, x)
+            jax.block_until_ready(out)
     return statistics.median(times), np.asarray(out[0, :2, :4], np.float32)
 
 
@@ -88,6 +93,7 @@ def main():
     p.add_argument("--impls", default="cudnn,xla")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--skip_torch", action="store_true")
+    p.add_argument("--profile_dir", default=None, help="write a trace of 3 of our calls here")
     p.add_argument("--smoke", action="store_true")
     a = p.parse_args()
     if a.smoke:
@@ -111,7 +117,7 @@ def main():
         if impl == "cudnn" and jax.default_backend() != "gpu":
             continue  # cuDNN attention exists only on NVIDIA GPUs
         cfg = vit.make_config(**{**base.__dict__, "attention_impl": impl})
-        dt, _ = ours(cfg, frames, steps)
+        dt, _ = ours(cfg, frames, steps, a.profile_dir)
         ratio = f", {dt_t / dt:.2f}x torch" if dt_t else ""
         print(f"ours {impl}: {dt * 1e3:.1f} ms, {batch / dt:,.0f} frames/s, "
               f"{flops * batch / dt / 1e12:.0f} TFLOP/s{ratio}")

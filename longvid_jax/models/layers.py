@@ -53,22 +53,39 @@ class Einsum(nn.Module):
     param_dtype: Dtype = jnp.float32
     kernel_init: Initializer | None = None
 
-    @nn.compact
-    def __call__(self, eqn: str, x: jax.Array) -> jax.Array:
+    def weights(self) -> tuple[jax.Array, jax.Array | None]:
+        """Declares (first call) and returns the kernel and bias (or None) in `param_dtype`."""
         if len(self.axes) != len(self.shape):
             raise ValueError(f"{self.name}: axes {self.axes} do not match shape {self.shape}")
         init = self.kernel_init or fan_in_init(self.fan_in_axes)
         w = self.param("kernel", nn.with_logical_partitioning(init, self.axes), self.shape,
                        self.param_dtype)
-        dtype = self.dtype or x.dtype
-        y = jnp.einsum(eqn, x.astype(dtype), w.astype(dtype))
+        b = None
         if self.bias_axes is not None:
             bshape = self.shape[len(self.shape) - len(self.bias_axes):]
             b = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
                                                                  self.bias_axes),
                            bshape, self.param_dtype)
+        return w, b
+
+    @nn.compact
+    def __call__(self, eqn: str, x: jax.Array) -> jax.Array:
+        w, b = self.weights()
+        dtype = self.dtype or x.dtype
+        y = jnp.einsum(eqn, x.astype(dtype), w.astype(dtype))
+        if b is not None:
             y = y + b.astype(dtype)
         return y
+
+
+class EinsumWeights(Einsum):
+    """The parameters of an `Einsum` (same names, shapes and logical axes), returned rather
+    than applied: `w, b = EinsumWeights(...)()`. For fusing several projections into one matmul
+    (e.g. q / k / v) while keeping each one's parameters where the checkpoint has them."""
+
+    @nn.compact
+    def __call__(self) -> tuple[jax.Array, jax.Array | None]:
+        return self.weights()
 
 
 class RMSNorm(nn.Module):

@@ -41,7 +41,7 @@ from jaxtyping import Array, Float
 
 from longvid_jax.models import ACT_BTD, CONV, EMBED, HEAD_DIM, HEADS, LAYERS, MLP, NORM
 from longvid_jax.models.attention import dot_product_attention
-from longvid_jax.models.layers import Einsum, LayerNorm, activation
+from longvid_jax.models.layers import Einsum, EinsumWeights, LayerNorm, activation
 
 Dtype = Any
 
@@ -305,15 +305,10 @@ class EncoderBlock(nn.Module):
         x = nn.with_logical_constraint(x, ACT_BTD)
 
         y = LayerNorm(eps=self.ln_eps, param_dtype=self.param_dtype, name="ln1")(x)
-        qkv_axes = (EMBED, HEADS, HEAD_DIM)
-        bias = (HEADS, HEAD_DIM) if self.qkv_bias else None
-        q = Einsum((d, n, h), qkv_axes, bias_axes=bias, name="q", **kw)
-        k = Einsum((d, n, h), qkv_axes, bias_axes=bias if self.k_bias else None, name="k", **kw)
-        v = Einsum((d, n, h), qkv_axes, bias_axes=bias, name="v", **kw)
+        q, k, v = self._qkv(y)
         o = Einsum((n, h, d), (HEADS, HEAD_DIM, EMBED), bias_axes=(EMBED,), fan_in_axes=(0, 1),
                    name="o", **kw)
-        attn = dot_product_attention(q("BTD,DNH->BTNH", y), k("BSD,DNH->BSNH", y),
-                                     v("BSD,DNH->BSNH", y), implementation=self.attention_impl)
+        attn = dot_product_attention(q, k, v, implementation=self.attention_impl)
         x = x + self._scale("ls1", o("BTNH,NHD->BTD", attn))
 
         y = LayerNorm(eps=self.ln_eps, param_dtype=self.param_dtype, name="ln2")(x)
@@ -332,6 +327,24 @@ class EncoderBlock(nn.Module):
             raise ValueError(f"unknown ffn {self.ffn!r}; known: {FFN_TYPES}")
         x = nn.with_logical_constraint(x + self._scale("ls2", y), ACT_BTD)
         return x, ({"output": x} if self.collect_output else {})
+
+    def _qkv(self, y: Float[Array, "B T D"]) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """q, k, v [B, T, N, H] from one matmul against the concatenated (D, 3N, H) weights
+        (fewer, larger kernels and one bias add); each keeps its own `q` / `k` / `v` params."""
+        d, n = self.width, self.num_heads
+        h = d // n
+        dtype = jnp.dtype(self.dtype)
+        bias = (HEADS, HEAD_DIM) if self.qkv_bias else None
+        weights = [EinsumWeights((d, n, h), (EMBED, HEADS, HEAD_DIM),
+                                 bias_axes=bias if (name != "k" or self.k_bias) else None,
+                                 param_dtype=self.param_dtype, name=name)()
+                   for name in ("q", "k", "v")]
+        w = jnp.concatenate([wt.astype(dtype) for wt, _ in weights], axis=1)
+        qkv = jnp.einsum("BTD,DNH->BTNH", y.astype(dtype), w)
+        if self.qkv_bias:
+            qkv = qkv + jnp.concatenate([jnp.zeros((n, h), dtype) if b is None else b.astype(dtype)
+                                         for _, b in weights], axis=0)
+        return qkv[:, :, :n], qkv[:, :, n:2 * n], qkv[:, :, 2 * n:]
 
     def _scale(self, name: str, y: jax.Array) -> jax.Array:
         """`y * <name>` (a learned [D] LayerScale vector) when `layer_scale`, else `y`."""
