@@ -10,7 +10,8 @@ implementation is checked against the float32 reference on a short sequence firs
 median of `--iters` runs of a jitted `grad(sum(attention(q, k, v) * w))` after warm-up. FLOPs count
 the causal half only: 4 * B * N * T^2 * H / 2 forward and 2.5x that for backward (FlashAttention-2's
 convention). `--packed` adds segment ids (four packed sequences), which cuDNN does not take.
-`--smoke` runs tiny sizes on any backend (CPU included, Pallas in interpret mode).
+`--padded` gives one sequence per row followed by right padding (cuDNN serves it through
+sequence lengths). `--smoke` runs tiny sizes on any backend (CPU included, Pallas in interpret mode).
 """
 
 import argparse
@@ -24,7 +25,7 @@ import numpy as np
 from longvid_jax.kernels import dispatch, flash_gpu
 
 
-def _inputs(seq, heads, kv_heads, head_dim, dtype, packed):
+def _inputs(seq, heads, kv_heads, head_dim, dtype, packed, padded=False):
     keys = jax.random.split(jax.random.key(0), 4)
     q = jax.random.normal(keys[0], (1, seq, heads, head_dim), dtype)
     k = jax.random.normal(keys[1], (1, seq, kv_heads, head_dim), dtype)
@@ -33,10 +34,13 @@ def _inputs(seq, heads, kv_heads, head_dim, dtype, packed):
     seg = None
     if packed:
         seg = jnp.asarray(np.repeat(np.arange(1, 5), seq // 4)[None], jnp.int32)
+    if padded:  # one sequence of 3/4 of the row, then right padding (no gradient from it)
+        seg = jnp.asarray((np.arange(seq) < 3 * seq // 4)[None], jnp.int32)
+        w = w * seg[..., None, None].astype(w.dtype)
     return q, k, v, w, seg
 
 
-def _attention(impl, interpret):
+def _attention(impl, interpret, padding_only=False):
     """`dispatch.attention` for a name; "pallas_gpu@BQ/BK/WARPS/STAGES" calls our Pallas kernel
     with those tile sizes and Triton parameters (for tuning its defaults)."""
     if "@" in impl:
@@ -46,11 +50,11 @@ def _attention(impl, interpret):
             block_k=bk, num_warps=warps, num_stages=stages, interpret=interpret)
     return lambda q, k, v, seg: dispatch.attention(
         q, k, v, causal=True, segment_ids=seg, implementation=impl, interpret=interpret,
-        max_score_bytes=1 << 40)
+        max_score_bytes=1 << 40, padding_only=padding_only)
 
 
-def _loss_fn(impl, interpret):
-    attention = _attention(impl, interpret)
+def _loss_fn(impl, interpret, padding_only=False):
+    attention = _attention(impl, interpret, padding_only)
 
     def loss(q, k, v, w, seg):
         out = attention(q, k, v, seg)
@@ -58,11 +62,11 @@ def _loss_fn(impl, interpret):
     return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
 
 
-def check(impl, args, interpret):
+def check(impl, args, interpret, padding_only=False):
     """Max abs error of the gradients vs the float32 XLA reference."""
     q, k, v, w, seg = args
     ref = _loss_fn("xla", False)(*(x.astype(jnp.float32) for x in (q, k, v, w)), seg)
-    got = _loss_fn(impl, interpret)(q, k, v, w, seg)
+    got = _loss_fn(impl, interpret, padding_only)(q, k, v, w, seg)
     return max(float(jnp.max(jnp.abs(a.astype(jnp.float32) - b))) for a, b in zip(got, ref))
 
 
@@ -86,6 +90,8 @@ def main():
     p.add_argument("--head_dim", type=int, default=128)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--packed", action="store_true")
+    p.add_argument("--padded", action="store_true",
+                   help="right padding as segment ids (cuDNN takes it as sequence lengths)")
     p.add_argument("--smoke", action="store_true")
     a = p.parse_args()
     interpret = a.smoke and jax.default_backend() == "cpu"
@@ -93,21 +99,24 @@ def main():
     heads, kv_heads, head_dim = (4, 2, 16) if a.smoke else (a.heads, a.kv_heads, a.head_dim)
     dtype = jnp.float32 if interpret else jnp.bfloat16
     print(f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}; "
-          f"heads {heads}/{kv_heads}, head dim {head_dim}, packed={a.packed}")
+          f"heads {heads}/{kv_heads}, head dim {head_dim}, packed={a.packed}, "
+          f"padded={a.padded}")
     for impl in a.impls.split(","):
         if impl == "cudnn" and (a.packed or interpret):
             continue
-        small = _inputs(min(1024, seqs[0]), heads, kv_heads, head_dim, dtype, a.packed)
+        small = _inputs(min(1024, seqs[0]), heads, kv_heads, head_dim, dtype, a.packed,
+                        a.padded)
         try:
-            err = check(impl, small, interpret)
+            err = check(impl, small, interpret, a.padded)
         except Exception as e:  # report and go on to the next implementation
             print(f"{impl}: check failed: {type(e).__name__}: {str(e)[:300]}")
             continue
         for seq in seqs:
-            args = _inputs(seq, heads, kv_heads, head_dim, dtype, a.packed)
+            args = _inputs(seq, heads, kv_heads, head_dim, dtype, a.packed, a.padded)
             flops = 3.5 * 4 * seq * seq * heads * head_dim / 2
             try:
-                dt = time_it(_loss_fn(impl, interpret), args, 1 if a.smoke else a.iters)
+                dt = time_it(_loss_fn(impl, interpret, a.padded), args,
+                             1 if a.smoke else a.iters)
             except Exception as e:
                 print(f"{impl} T={seq}: failed: {type(e).__name__}: {str(e)[:300]}")
                 continue

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import PartitionSpec as P
 
 from longvid_jax import losses
 from longvid_jax.models import decoder
@@ -40,7 +41,22 @@ def cast_matrices(params, dtype):
     return jax.tree.map(lambda x: x.astype(dtype) if x.ndim >= 2 else x, params)
 
 
-def ours(cfg, batch, seq, steps, loss_chunk=0, profile_dir=None, cast_params=False):
+def ours(cfg, batch, seq, steps, loss_chunk=0, profile_dir=None, cast_params=False,
+         context=1):
+    """Median step time, parameter count and final loss of our training step.
+
+    `context > 1` spreads each sequence over that many devices (mesh ("data", "context"),
+    rules act_len -> context) and the decoder runs ring attention between them."""
+    if context > 1:
+        mesh = jax.make_mesh((1, context), ("data", "context"),
+                             axis_types=(jax.sharding.AxisType.Auto,) * 2)
+        rules = (("act_batch", "data"), ("act_len", "context"))
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            return _ours(cfg, batch, seq, steps, loss_chunk, profile_dir, cast_params, mesh)
+    return _ours(cfg, batch, seq, steps, loss_chunk, profile_dir, cast_params, None)
+
+
+def _ours(cfg, batch, seq, steps, loss_chunk, profile_dir, cast_params, mesh):
     model = decoder.Decoder(cfg)
     rng = np.random.default_rng(0)
     tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, seq + 1)), jnp.int32)
@@ -53,11 +69,18 @@ def ours(cfg, batch, seq, steps, loss_chunk=0, profile_dir=None, cast_params=Fal
         return model.init(key, embeds, pos)["params"]
 
     params = nn.unbox(jax.jit(init)(jax.random.key(0)))
+    if mesh is not None:  # weights replicated, tokens split along the sequence
+        params = jax.device_put(params, jax.sharding.NamedSharding(mesh, P()))
+        inputs, targets, positions = (
+            jax.device_put(x, jax.sharding.NamedSharding(mesh, P(None, "context")))
+            for x in (inputs, targets, positions))
     tx = optax.adamw(1e-5)
     opt_state = tx.init(params)
     n_params = sum(x.size for x in jax.tree.leaves(params))
 
     weights = jnp.ones(targets.shape, jnp.float32)
+    if mesh is not None:
+        weights = jax.device_put(weights, targets.sharding)
 
     def loss_fn(p):
         if cast_params:

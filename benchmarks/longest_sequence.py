@@ -2,7 +2,7 @@
 
     python benchmarks/longest_sequence.py [--variant=qwen2_0_5b]
         [--seqs=32768,65536,131072,262144,524288] [--stacks=ours,torch] [--remat=full]
-        [--loss_chunk=4096] [--timeout=300] [--smoke]
+        [--loss_chunk=4096] [--timeout=300] [--context=1] [--smoke]
 
 For each stack and each length (ascending), one child process runs a warm-up training step and
 one timed step (AdamW, batch 1, next-token loss over every position) of the Qwen2-0.5B-shaped
@@ -11,7 +11,9 @@ first failure. Ours: bf16 compute, float32 master weights, `nn.scan`, remat poli
 `--remat`, cuDNN attention, the chunked (fused) cross-entropy of `losses.chunked_lm_loss`, and
 XLA allowed 95% of the GPU memory. PyTorch: `Qwen2ForCausalLM` in bf16 with SDPA attention,
 gradient checkpointing and fused AdamW (the step of `llm_train_step.py`). Children keep a failure
-(out of memory) from poisoning the next attempt. `--smoke` runs a tiny model on CPU (CI).
+(out of memory) from poisoning the next attempt. `--context=N` spreads each of our sequences
+over N GPUs (ring attention over a `context` mesh axis, the Pallas flash kernel in each ring
+step; peak memory is the largest device's). `--smoke` runs a tiny model on CPU (CI).
 """
 
 import argparse
@@ -33,17 +35,19 @@ def child(a) -> dict:
 
     from longvid_jax.models import decoder
 
+    impl = "ring" if a.context > 1 else ("xla" if a.smoke else "cudnn")
     if a.smoke:
-        cfg = decoder.make_config("tiny", scan_layers=True, remat_policy=a.remat)
+        cfg = decoder.make_config("tiny", scan_layers=True, remat_policy=a.remat,
+                                  attention_impl=impl)
     else:
         cfg = decoder.make_config(a.variant, dtype="bfloat16", param_dtype="float32",
                                   scan_layers=True, remat_policy=a.remat,
-                                  attention_impl="cudnn")
+                                  attention_impl=impl)
     try:
         if a.stack == "ours":
-            dt, _, loss = bench.ours(cfg, 1, a.seq, 1, a.loss_chunk)
-            stats = jax.devices()[0].memory_stats() or {}
-            peak = stats.get("peak_bytes_in_use", 0)
+            dt, _, loss = bench.ours(cfg, 1, a.seq, 1, a.loss_chunk, context=a.context)
+            peak = max((d.memory_stats() or {}).get("peak_bytes_in_use", 0)
+                       for d in jax.devices()[:a.context])
         else:
             import torch
             dt, loss = bench.torch_hf(cfg, 1, a.seq, 1)
@@ -61,6 +65,8 @@ def main():
     p.add_argument("--remat", default="full")
     p.add_argument("--loss_chunk", type=int, default=4096)
     p.add_argument("--timeout", type=int, default=300, help="seconds per attempt")
+    p.add_argument("--context", type=int, default=1,
+                   help="ours: spread each sequence over this many devices (ring attention)")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--stack", default="ours", help=argparse.SUPPRESS)
@@ -71,15 +77,18 @@ def main():
         return
     seqs = [64, 128] if a.smoke else [int(s) for s in a.seqs.split(",")]
     env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION="0.95")
+    if a.smoke and a.context > 1:  # CPU devices for the ring
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={a.context}"
     env.pop("XLA_PYTHON_CLIENT_PREALLOCATE", None)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(HERE),
                                                       env.get("PYTHONPATH")]))
     print(f"{a.variant if not a.smoke else 'tiny'}, batch 1, remat {a.remat}, "
-          f"loss chunk {a.loss_chunk} (ours)")
+          f"loss chunk {a.loss_chunk}, sequence over {a.context} device(s) (ours)")
     for stack in a.stacks.split(","):
         longest = None
         for seq in seqs:
             cmd = [sys.executable, __file__, "--child", f"--stack={stack}", f"--seq={seq}",
+                   f"--context={a.context if stack == 'ours' else 1}",
                    f"--variant={a.variant}", f"--remat={a.remat}",
                    f"--loss_chunk={16 if a.smoke else a.loss_chunk}"] + (
                        ["--smoke"] if a.smoke else [])

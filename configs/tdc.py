@@ -65,7 +65,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if demo:
         c.model.llm = _fields(decoder.make_config(
             "tiny", vocab_size=_QWEN_VOCAB, tie_embeddings=True, hidden_size=128, head_dim=32,
-            mlp_dim=384, attention_impl="auto"))
+            mlp_dim=384, attention_impl="auto", packed_sequences=False))
         c.model.vision = _fields(vit.make_config("tiny", post_ln=False))
         c.model.vision_pool = None
         c.model.audio = _fields(audio.make_config("tiny"))
@@ -76,8 +76,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         bf16 = dict(dtype="bfloat16")
         # Layers under nn.scan (one compiled layer), remat saving projections and attention
         # outputs (benchmarks: the fastest policy at 8K tokens; "full" trains the longest).
+        # The pipeline pads rows and never packs them: cuDNN takes the padding as lengths.
         c.model.llm = _fields(decoder.make_config(arg.llm, attention_impl="auto",
-                                                  scan_layers=True,
+                                                  packed_sequences=False, scan_layers=True,
                                                   remat_policy="dots_attention", **bf16))
         c.model.vision = _fields(vit.make_config("so400m_14_384", post_ln=False, **bf16))
         c.model.vision_pool = (12, 12)

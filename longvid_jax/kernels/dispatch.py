@@ -6,7 +6,8 @@
   "pallas_gpu"  GPU: Pallas flash kernel (`flash_gpu.py`), for what cuDNN cannot do (segment
                 ids of packed sequences, float32).
   "ring"        any platform: ring attention over mesh axis `axis` (`ring.py`), one sequence
-                spread over the devices of that axis.
+                spread over the devices of that axis; each step through the Pallas flash
+                kernel on GPU, through XLA elsewhere.
   "xla"         everywhere: the pure-JAX reference (`models.attention.masked_attention_ref`),
                 which materialises float32 scores [B, N, T, S] and is refused above
                 `max_score_bytes`.
@@ -40,6 +41,7 @@ def select_implementation(
     has_segment_ids: bool,
     mesh: Mesh | None = None,
     axis: str = "context",
+    padding_only: bool = False,
 ) -> str:
     """The implementation `attention(..., implementation="auto")` runs.
 
@@ -48,6 +50,8 @@ def select_implementation(
       dtype: the query dtype.
       has_segment_ids: packed sequences (segment ids) are given.
       mesh, axis: a mesh whose `axis` has more than one device selects "ring".
+      padding_only: the segment ids only mark right padding (one sequence per row), which
+        cuDNN takes as sequence lengths.
 
     Returns:
       One of "ring", "splash", "cudnn", "pallas_gpu", "xla".
@@ -58,7 +62,7 @@ def select_implementation(
         return "splash"
     if backend in _GPU_BACKENDS:
         half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-        return "cudnn" if half and not has_segment_ids else "pallas_gpu"
+        return "cudnn" if half and (padding_only or not has_segment_ids) else "pallas_gpu"
     return "xla"
 
 
@@ -94,6 +98,7 @@ def attention(
     batch_axes: str | tuple[str, ...] | None = None,
     head_axes: str | tuple[str, ...] | None = None,
     interpret: bool = False,
+    padding_only: bool = False,
 ) -> Float[Array, "B T N H"]:
     """Attention softmax(q k^T * scale, masked) v through the chosen implementation.
 
@@ -117,6 +122,10 @@ def attention(
       batch_axes, head_axes: mesh axes sharding B and N / K inside ring attention (leave None
         only when B / heads are replicated: shard_map would otherwise gather them).
       interpret: run Pallas kernels ("pallas_gpu", "splash") in the interpreter (tests).
+      padding_only: promise that `segment_ids` are 1 (or any one id > 0) on each row's tokens
+        followed by 0 on its right padding, never several packed sequences. cuDNN then serves
+        the call with per-row sequence lengths (the count of ids > 0); rows past a length are
+        padding (undefined output). Other implementations ignore it.
 
     Returns:
       [B, T, N, H] in q's dtype.
@@ -136,7 +145,7 @@ def attention(
     if implementation == "auto":
         implementation = select_implementation(
             backend=jax.default_backend(), dtype=q.dtype, has_segment_ids=segment_ids is not None,
-            mesh=mesh, axis=axis)
+            mesh=mesh, axis=axis, padding_only=padding_only)
     seg = {"q_segment_ids": segment_ids, "kv_segment_ids": kv_segment_ids}
     s_len = k.shape[1]
 
@@ -150,10 +159,18 @@ def attention(
                 f"cudnn / pallas_gpu on GPU), ring attention over a mesh axis, or raise the limit")
         return masked_attention_ref(q, k, v, causal=causal, scale=scale, **seg)
     if implementation == "cudnn":
+        lengths = {}
         if segment_ids is not None:
-            raise ValueError("cudnn attention takes no segment ids; use 'pallas_gpu'")
+            if not padding_only:
+                raise ValueError("cudnn attention takes no segment ids of packed sequences "
+                                 "(only right padding, padding_only=True); use 'pallas_gpu'")
+            # At least 1: an all-padding row (a batch's filler) attends to its first token
+            # rather than to nothing, so it stays finite (its loss weight is 0; NaN * 0 is not).
+            lengths = {name: jnp.maximum(jnp.sum(ids > 0, axis=1, dtype=jnp.int32), 1)
+                       for name, ids in (("query_seq_lengths", segment_ids),
+                                         ("key_value_seq_lengths", kv_segment_ids))}
         return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal,
-                                            implementation="cudnn")
+                                            implementation="cudnn", **lengths)
     if implementation == "pallas_gpu":
         return flash_gpu.flash_attention(q, k, v, causal=causal, scale=scale,
                                          interpret=interpret, **seg)
@@ -172,9 +189,12 @@ def attention(
     for names in (batch_axes, head_axes):
         for name in (names,) if isinstance(names, str) else names or ():
             other *= mesh.shape[name]
+    # On GPU each ring step runs the Pallas flash kernel (memory O(shard)); elsewhere the
+    # step's scores are materialised by XLA, within the same guard as the XLA path.
+    inner = "pallas_gpu" if jax.default_backend() in _GPU_BACKENDS else "xla"
     need = score_bytes(q.shape, s_len) // (d * d * other)
-    if need > max_score_bytes:
+    if inner == "xla" and need > max_score_bytes:
         raise ValueError(f"ring attention step would materialise {need / 2**30:.2f} GiB of "
                          f"float32 scores per device > max_score_bytes={max_score_bytes}")
     return ring.ring_attention(q, k, v, mesh=mesh, axis=axis, causal=causal, scale=scale,
-                               batch_axes=batch_axes, head_axes=head_axes, **seg)
+                               batch_axes=batch_axes, head_axes=head_axes, inner=inner, **seg)

@@ -31,12 +31,14 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float, Int
 
+from longvid_jax.kernels import flash_gpu
 from longvid_jax.models.attention import masked_attention_ref
 
 _NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)
 
-# Which part of a ring step is computed (see `_ring_step`).
-_FULL, _KV_FIRST_HALF, _Q_SECOND_HALF, _SKIP = 0, 1, 2, 3
+# Which part of a ring step is computed (see `_ring_step`). _DIAG is a device's own kv shard
+# under the causal rule (masked by position on the XLA path, by local index in the Pallas one).
+_FULL, _KV_FIRST_HALF, _Q_SECOND_HALF, _SKIP, _DIAG = 0, 1, 2, 3, 4
 
 
 # The pure-JAX reference this kernel is tested against.
@@ -162,7 +164,7 @@ def _ring_step(kind, q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal, scale):
     def skip(_):
         return _neutral(q)
 
-    return lax.switch(kind, [full, kv_first_half, q_second_half, skip], None)
+    return lax.switch(kind, [full, kv_first_half, q_second_half, skip, full], None)
 
 
 def _ring_grad_step(kind, q, k, v, d_out, lse, delta, q_pos, k_pos, q_seg, k_seg, *, causal,
@@ -186,12 +188,12 @@ def _ring_grad_step(kind, q, k, v, d_out, lse, delta, q_pos, k_pos, q_seg, k_seg
     def skip(_):
         return _zeros(q), _zeros(k), _zeros(v)
 
-    return lax.switch(kind, [full, kv_first_half, q_second_half, skip], None)
+    return lax.switch(kind, [full, kv_first_half, q_second_half, skip, full], None)
 
 
 def _step_kinds(opts):
     """int32 kind of ring step r on this device, as a function of r."""
-    axis, d, causal, _, load_balance = opts
+    axis, d, causal, _, load_balance = opts[:5]
     me = lax.axis_index(axis)
 
     def kind_of(r):
@@ -199,15 +201,17 @@ def _step_kinds(opts):
         if not causal:
             return jnp.int32(_FULL)
         if load_balance:
-            return jnp.where(r == 0, _FULL, jnp.where(src < me, _KV_FIRST_HALF, _Q_SECOND_HALF))
-        return jnp.where(src <= me, _FULL, _SKIP)
+            return jnp.where(r == 0, _DIAG, jnp.where(src < me, _KV_FIRST_HALF, _Q_SECOND_HALF))
+        return jnp.where(src == me, _DIAG, jnp.where(src < me, _FULL, _SKIP))
 
     return kind_of
 
 
 def _ring_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, opts):
     """Local forward under `shard_map`: out [B, t, N, H] and float32 lse [B, K, G, t]."""
-    axis, d, causal, scale, _ = opts
+    if opts[5] == "pallas_gpu":
+        return _flash_ring_forward(q, k, v, q_seg, k_seg, opts)
+    axis, d, causal, scale = opts[:4]
     b, t, n, h = q.shape
     kh = k.shape[2]
     qg = q.reshape(b, t, kh, n // kh, h)
@@ -242,7 +246,9 @@ def _ring_core_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, opts):
 def _ring_core_bwd(opts, res, d_out):
     """Second ring pass: dq stays, dk / dv travel with their kv shard and end at home."""
     q, k, v, q_pos, k_pos, q_seg, k_seg, out, lse = res
-    axis, d, causal, scale, _ = opts
+    if opts[5] == "pallas_gpu":
+        return _flash_ring_backward(q, k, v, q_seg, k_seg, out, lse, d_out, opts)
+    axis, d, causal, scale = opts[:4]
     b, t, n, h = q.shape
     kh = k.shape[2]
     shape_g = (b, t, kh, n // kh, h)
@@ -270,6 +276,135 @@ def _ring_core_bwd(opts, res, d_out):
 _ring_core.defvjp(_ring_core_fwd, _ring_core_bwd)
 
 
+# ---------------------------------------------------------------------------------------------
+# Ring steps through the Pallas flash kernel (`flash_gpu.py`): each step's tile is computed
+# blockwise on chip, so memory stays O(local shard) however long the shards are. Partials are
+# (float32 out [B, t, N, H], lse [B, N, t]) merged with log-sum-exp weights; the backward step
+# runs the kernel's dq and dk / dv passes with the final out and lse (FlashAttention-2,
+# Algorithm 2), which is exact per tile.
+
+
+def _flash_call(q, k, v, q_seg, k_seg, causal, opts):
+    """Forward of one tile: (float32 out [B, t, N, H], lse [B, N, t])."""
+    out, lse = flash_gpu._flash_fwd(q, k, v, q_seg, k_seg, _kernel_opts(q, k, causal, opts))
+    return out.astype(jnp.float32), lse
+
+
+def _kernel_opts(q, k, causal, opts):
+    scale, interpret = opts[3], opts[6]
+    use_seg = opts[7]
+    block_q, block_k = min(64, q.shape[1]), min(64, k.shape[1])
+    return (scale, causal, use_seg, block_q, block_k, interpret, 4, 2)
+
+
+def _flash_neutral(q):
+    """(out, lse) of an empty key set for queries q [B, t, N, H]."""
+    zero = _zeros(q)
+    return zero, jnp.moveaxis(zero[..., 0], 1, -1) + _NEG_INF
+
+
+def _flash_merge(a, b):
+    (o_a, l_a), (o_b, l_b) = a, b
+    lse = jnp.logaddexp(l_a, l_b)
+    weight = lambda l: jnp.moveaxis(jnp.exp(l - lse), -1, 1)[..., None]  # noqa: E731
+    return o_a * weight(l_a) + o_b * weight(l_b), lse
+
+
+def _flash_step(kind, q, k, v, q_seg, k_seg, opts):
+    """Partial (out, lse) of local queries q [B, t, N, H] against one kv shard; `kind` as in
+    `_ring_step`. Under the zig-zag layout the local index order is the position order within
+    each of a shard's two chunks and across them, so _DIAG is the kernel's causal rule."""
+
+    def full(_):
+        return _flash_call(q, k, v, q_seg, k_seg, False, opts)
+
+    def diag(_):
+        return _flash_call(q, k, v, q_seg, k_seg, True, opts)
+
+    def kv_first_half(_):
+        return _flash_call(q, _halves(k, 1)[0], _halves(v, 1)[0], q_seg, _sl(k_seg, 0), False,
+                           opts)
+
+    def q_second_half(_):
+        out, lse = _flash_call(_halves(q, 1)[1], k, v, _sl(q_seg, 1), k_seg, False, opts)
+        n_out, n_lse = _flash_neutral(_halves(q, 1)[0])
+        return jnp.concatenate([n_out, out], 1), jnp.concatenate([n_lse, lse], -1)
+
+    def skip(_):
+        return _flash_neutral(q)
+
+    return lax.switch(kind, [full, kv_first_half, q_second_half, skip, diag], None)
+
+
+def _flash_ring_forward(q, k, v, q_seg, k_seg, opts):
+    axis, d = opts[:2]
+    b, t, n, h = q.shape
+    perm = [(j, (j + 1) % d) for j in range(d)]
+    kind_of = _step_kinds(opts)
+
+    def body(carry, r):
+        stats, kv = carry
+        part = _flash_step(kind_of(r), q, kv[0], kv[1], q_seg, kv[2], opts)
+        kv = tuple(lax.ppermute(x, axis, perm) for x in kv)
+        return (_flash_merge(stats, part), kv), None
+
+    (stats, _), _ = lax.scan(body, (_flash_neutral(q), (k, v, k_seg)), jnp.arange(d))
+    out, lse = stats
+    kh = k.shape[2]
+    return out.astype(q.dtype), lse.reshape(b, kh, n // kh, t)
+
+
+def _flash_grad_step(kind, q, k, v, q_seg, k_seg, out, lse, d_out, opts):
+    """float32 (dq, dk, dv) of one ring step through the kernel's backward passes."""
+    f32 = jnp.float32
+
+    def grads(q_, k_, v_, qs, ks, out_, lse_, do_, causal):
+        dq, dk, dv = flash_gpu._flash_bwd(q_, k_, v_, qs, ks, out_, lse_, do_,
+                                          _kernel_opts(q_, k_, causal, opts))
+        return dq.astype(f32), dk.astype(f32), dv.astype(f32)
+
+    def full(_):
+        return grads(q, k, v, q_seg, k_seg, out, lse, d_out, False)
+
+    def diag(_):
+        return grads(q, k, v, q_seg, k_seg, out, lse, d_out, True)
+
+    def kv_first_half(_):
+        dq, dk, dv = grads(q, _halves(k, 1)[0], _halves(v, 1)[0], q_seg, _sl(k_seg, 0), out,
+                           lse, d_out, False)
+        return (dq, jnp.concatenate([dk, _zeros(dk)], 1), jnp.concatenate([dv, _zeros(dv)], 1))
+
+    def q_second_half(_):
+        dq, dk, dv = grads(_halves(q, 1)[1], k, v, _sl(q_seg, 1), k_seg, _halves(out, 1)[1],
+                           _halves(lse, 2)[1], _halves(d_out, 1)[1], False)
+        return jnp.concatenate([_zeros(dq), dq], 1), dk, dv
+
+    def skip(_):
+        return _zeros(q), _zeros(k), _zeros(v)
+
+    return lax.switch(kind, [full, kv_first_half, q_second_half, skip, diag], None)
+
+
+def _flash_ring_backward(q, k, v, q_seg, k_seg, out, lse, d_out, opts):
+    axis, d = opts[:2]
+    b, t, n, _ = q.shape
+    lse = lse.reshape(b, n, t)
+    perm = [(j, (j + 1) % d) for j in range(d)]
+    kind_of = _step_kinds(opts)
+
+    def body(carry, r):
+        dq, kv, dk, dv = carry
+        gq, gk, gv = _flash_grad_step(kind_of(r), q, kv[0], kv[1], q_seg, kv[2], out, lse,
+                                      d_out, opts)
+        moved = tuple(lax.ppermute(x, axis, perm) for x in (*kv, dk + gk, dv + gv))
+        return (dq + gq, moved[:-2], moved[-2], moved[-1]), None
+
+    carry = (_zeros(q), (k, v, k_seg), _zeros(k), _zeros(v))
+    (dq, _, dk, dv), _ = lax.scan(body, carry, jnp.arange(d))
+    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype),
+            None, None, None, None)
+
+
 def ring_attention(
     q: Float[Array, "B T N H"],
     k: Float[Array, "B S K H"],
@@ -285,6 +420,8 @@ def ring_attention(
     reorder: bool = True,
     batch_axes: str | tuple[str, ...] | None = None,
     head_axes: str | tuple[str, ...] | None = None,
+    inner: str = "xla",
+    interpret: bool = False,
 ) -> Float[Array, "B T N H"]:
     """Attention with T and S sharded over mesh axis `axis` (ring of `lax.ppermute`s).
 
@@ -303,6 +440,12 @@ def ring_attention(
         inputs already are in zig-zag order (`x[:, zigzag_permutation(T, D)]`) and the output
         is returned in that order too.
       batch_axes, head_axes: mesh axes that shard B and N / K (None = replicated).
+      inner: how each ring step's tile is computed: "xla" (einsums that materialise the
+        step's float32 scores [B, N, T/D, S/D]; any platform, for short shards) or
+        "pallas_gpu" (the flash kernel of `flash_gpu.py`, blockwise on chip: memory O(shard),
+        for long sequences on GPU; local shard halves must then be multiples of 64 tokens or
+        shorter than 64).
+      interpret: run the Pallas kernel in the interpreter (tests on CPU).
 
     Returns:
       [B, T, N, H] in q's dtype (natural order unless `reorder=False`).
@@ -319,6 +462,8 @@ def ring_attention(
         raise ValueError(f"query heads {n} not a multiple of kv heads {kh}")
     if (q_segment_ids is None) != (kv_segment_ids is None):
         raise ValueError("q_segment_ids and kv_segment_ids must be given together")
+    if inner not in ("xla", "pallas_gpu"):
+        raise ValueError(f"inner must be 'xla' or 'pallas_gpu', got {inner!r}")
     d = mesh.shape[axis]
     if t % (2 * d if load_balance else d):
         raise ValueError(f"length {t} not divisible for {d} shards (load_balance={load_balance})")
@@ -336,16 +481,21 @@ def ring_attention(
     x_spec = P(batch_axes, axis, head_axes, None)
     row_spec = P(batch_axes, axis)
     has_seg = q_segment_ids is not None
-    opts = (axis, d, bool(causal), scale, bool(load_balance))
+    opts = (axis, d, bool(causal), scale, bool(load_balance), inner, bool(interpret), has_seg)
 
     def body(q, k, v, pos, *seg):
         q_seg, k_seg = seg if has_seg else (None, None)
+        if inner == "pallas_gpu" and not has_seg:  # the kernel reads ids; these mask nothing
+            q_seg = k_seg = pos * 0
         return _ring_core(q, k, v, pos, pos, q_seg, k_seg, opts)
 
     in_specs = (x_spec, x_spec, x_spec, row_spec) + ((row_spec, row_spec) if has_seg else ())
     args = (q, k, v, pos) + ((q_segment_ids.astype(jnp.int32),
                               kv_segment_ids.astype(jnp.int32)) if has_seg else ())
-    out = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=x_spec)(*args)
+    # pallas_call output types carry no varying-mesh-axis annotation, so the Pallas inner
+    # kernel runs without shard_map's vma type check (every operand is sharded on `axis`).
+    out = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=x_spec,
+                        check_vma=inner != "pallas_gpu")(*args)
     if load_balance and reorder:
         out = out[:, np.argsort(order)]
     return out

@@ -165,6 +165,10 @@ class DecoderConfig:
         rules give `act_len`; see `context_parallel_kwargs`), or "auto" (ring when that axis
         has several devices, else chosen from the platform).
       max_score_bytes: the XLA path refuses to build float32 scores [B, N, T, T] above this.
+      packed_sequences: rows may hold several sequences (segment ids 1, 2, ...), which needs a
+        segment-id kernel (Pallas on GPU). False promises one sequence per row with segment
+        ids marking only right padding, so cuDNN serves padded batches through sequence
+        lengths (the trainer's pipeline pads, it never packs).
     """
 
     vocab_size: int
@@ -185,6 +189,7 @@ class DecoderConfig:
     remat_policy: str = "none"
     attention_impl: str = "xla"
     max_score_bytes: int = dispatch.DEFAULT_MAX_SCORE_BYTES
+    packed_sequences: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, "rope_scaling", _canonical_rope_scaling(self.rope_scaling))
@@ -407,6 +412,7 @@ class Attention(nn.Module):
         out = dispatch.attention(q, kk, v, causal=True, segment_ids=segment_ids,
                                  implementation=cfg.attention_impl,
                                  max_score_bytes=cfg.max_score_bytes,
+                                 padding_only=not cfg.packed_sequences,
                                  **context_parallel_kwargs())
         out = nn.with_logical_constraint(out, (ACT_BATCH, ACT_LEN, ACT_HEADS, None))
         return Einsum((n, h, d), (HEADS, HEAD_DIM, EMBED), fan_in_axes=(0, 1), name="o_proj",

@@ -32,7 +32,6 @@ Parameter tree of `QFormer` (LAVIS key in brackets, see `convert/qformer_keys.py
 """
 
 import dataclasses
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 

@@ -72,3 +72,17 @@ def test_errors():
         dispatch.attention(q, k, v, implementation="ring")
     with pytest.raises(ValueError, match="without segment_ids"):
         dispatch.attention(q, k, v, kv_segment_ids=seg)
+
+
+def test_right_padding_goes_to_cudnn_with_lengths():
+    kw = {"backend": "gpu", "dtype": jnp.bfloat16, "has_segment_ids": True}
+    assert dispatch.select_implementation(padding_only=True, **kw) == "cudnn"
+    assert dispatch.select_implementation(padding_only=False, **kw) == "pallas_gpu"
+    q, k, v, _, _ = qkv(2, 2, 32, 4, 2, 16)
+    seg = jnp.asarray([[1] * 20 + [0] * 12, [1] * 32], jnp.int32)
+    with pytest.raises(ValueError, match="padding_only"):
+        dispatch.attention(q, k, v, causal=True, segment_ids=seg, implementation="cudnn")
+    # The XLA path ignores the promise: same result as with segment ids.
+    out = dispatch.attention(q, k, v, causal=True, segment_ids=seg, padding_only=True)
+    ref = flash_attention_ref(q, k, v, causal=True, q_segment_ids=seg, kv_segment_ids=seg)
+    assert max_err(out[0, :20], ref[0, :20]) < 1e-6 and max_err(out[1], ref[1]) < 1e-6

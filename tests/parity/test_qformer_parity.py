@@ -11,8 +11,12 @@ import numpy as np
 import pytest
 import torch
 from safetensors.numpy import load_file
-from transformers import (Blip2QFormerConfig, Blip2QFormerModel, InstructBlipQFormerConfig,
-                          InstructBlipQFormerModel)
+from transformers import (
+    Blip2QFormerConfig,
+    Blip2QFormerModel,
+    InstructBlipQFormerConfig,
+    InstructBlipQFormerModel,
+)
 
 from convert import qformer_keys
 from longvid_jax.models import qformer
