@@ -47,8 +47,15 @@ from typing import Any
 
 import numpy as np
 
-from convert.vit_keys import (TRANSFORMS, Rule, _items, _to_numpy, block_rules, params_to_state,
-                              state_to_params)
+from convert.vit_keys import (
+    TRANSFORMS,
+    Rule,
+    _items,
+    _to_numpy,
+    block_rules,
+    params_to_state,
+    state_to_params,
+)
 from longvid_jax.models.beats import BEATsConfig, make_config
 
 # Reshapes between a checkpoint's broadcast shape and our vector (registered in the shared

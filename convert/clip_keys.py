@@ -31,8 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from convert.vit_keys import (Rule, block_rules, params_to_state, state_to_params,
-                              vision_config_dict)
+from convert.vit_keys import Rule, block_rules, params_to_state, state_to_params, vision_config_dict
 from longvid_jax.models import clip
 from longvid_jax.models.clip import ClipVisionConfig
 

@@ -41,8 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from convert.vit_keys import (Rule, block_rules, params_to_state, state_to_params,
-                              vision_config_dict)
+from convert.vit_keys import Rule, block_rules, params_to_state, state_to_params, vision_config_dict
 from longvid_jax.models import dinov2
 from longvid_jax.models.dinov2 import Dinov2Config
 

@@ -39,8 +39,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from longvid_jax.models.qformer import (QFormer, QFormerConfig, TDCCompressor, TDCCompressorConfig,
-                                        make_config)
+from longvid_jax.models.qformer import (
+    QFormer,
+    QFormerConfig,
+    TDCCompressor,
+    TDCCompressorConfig,
+    make_config,
+)
 
 _PLACEHOLDERS = {"i": r"\d+", "p": r"query|key|value", "any": r".+"}
 

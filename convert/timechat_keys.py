@@ -36,9 +36,13 @@ import numpy as np
 
 from convert import qformer_keys
 from convert.qformer_keys import Rule
-from longvid_jax.models.timechat import (TimeChatConfig, TimeChatConnector,
-                                         TimeChatVideoQFormer, TimeChatVideoQFormerConfig,
-                                         interpolate_frame_positions)
+from longvid_jax.models.timechat import (
+    TimeChatConfig,
+    TimeChatConnector,
+    TimeChatVideoQFormer,
+    TimeChatVideoQFormerConfig,
+    interpolate_frame_positions,
+)
 
 _POS_KEY = "video_frame_position_embedding.weight"
 _OWNED = ("Qformer.", "query_tokens", "video_frame_position_embedding.", "video_Qformer.",
