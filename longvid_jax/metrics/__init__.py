@@ -49,6 +49,7 @@ from longvid_jax.metrics import (
     mmduet_relevance,
     mmduet_streaming,
     multiple_choice,
+    open_ended,
 )
 from longvid_jax.metrics.common import InputFileError, read_json, read_records, require_keys
 
@@ -244,6 +245,15 @@ def _load_mlvu(pred: Path, gt: Path, extra: Mapping[str, Path]) -> LoadedInputs:
     return LoadedInputs(preds, tasks, {})
 
 
+def _load_music_avqa(pred: Path, gt: Path | None, extra: Mapping[str, Path]) -> LoadedInputs:
+    if gt is None:
+        doc = read_records(pred, "predictions", keys=("pred", "correct_answer", "type"))
+        return LoadedInputs(doc, None, {})
+    doc = read_records(pred, "predictions", keys=("idx", "pred"))
+    truth = read_records(gt, "ground-truth", keys=("question_id", "type", "anser|answer"))
+    return LoadedInputs(doc, truth, {})
+
+
 def _load_videomme(pred: Path, gt: Path | None, extra: Mapping[str, Path]) -> LoadedInputs:
     doc = read_json(pred, "predictions")
     if isinstance(doc, list):
@@ -394,6 +404,19 @@ _ALL = (
     ),
 )
 
+_ALL += (
+    Benchmark(
+        "music_avqa",
+        open_ended.evaluate_music_avqa,
+        _load_music_avqa,
+        "Music-AVQA short answers as TDC's eval_musicQA.py writes them ([{idx, pred, "
+        "correct_answer, type}]), scored by normalised exact match (the original saves "
+        "predictions only; see metrics/open_ended.py); ground truth (avqa-test.json) optional.",
+        ("accuracy", "Audio", "Visual", "Audio-Visual", "n_questions"),
+        needs_ground_truth=False,
+    ),
+)
+
 BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in _ALL}
 
 
@@ -423,4 +446,5 @@ __all__ = [
     "mmduet_relevance",
     "mmduet_streaming",
     "multiple_choice",
+    "open_ended",
 ]

@@ -27,6 +27,7 @@ from longvid_jax.metrics import (
     mmduet_relevance,
     mmduet_streaming,
     multiple_choice,
+    open_ended,
 )
 from longvid_jax.metrics.common import InputFileError
 from tests.metrics.test_multiple_choice import VIDEOMME_RESULTS
@@ -322,6 +323,7 @@ def test_registry():
         "mmduet_magqa": mmduet_streaming.evaluate_mmduet_magqa,
         "mlvu": multiple_choice.evaluate_mlvu,
         "videomme": multiple_choice.evaluate_videomme,
+        "music_avqa": open_ended.evaluate_music_avqa,
     }
     for name, bench in metrics.BENCHMARKS.items():
         assert bench.name == name and bench.description and bench.headline
