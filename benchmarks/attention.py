@@ -11,7 +11,8 @@ median of `--iters` runs of a jitted `grad(sum(attention(q, k, v) * w))` after w
 the causal half only: 4 * B * N * T^2 * H / 2 forward and 2.5x that for backward (FlashAttention-2's
 convention). `--packed` adds segment ids (four packed sequences), which cuDNN does not take.
 `--padded` gives one sequence per row followed by right padding (cuDNN serves it through
-sequence lengths). `--smoke` runs tiny sizes on any backend (CPU included, Pallas in interpret mode).
+sequence lengths). `--smoke` runs tiny sizes on any backend (CPU included, Pallas in interpret
+mode).
 """
 
 import argparse

@@ -5,14 +5,48 @@ Demo (a tiny TDC-shaped model on the bundled clips in data/samples/, minutes on 
     python -m longvid_jax.train --config=configs/tdc.py --workdir=runs/tdc_demo
 
 Real sizes (Qwen2-7B or Llama-3.2-3B + SigLIP-so400m + Whisper-large-v3 audio + BERT-base
-Q-Former), your own data:
+Q-Former), your own data, one of TDC's three training stages:
 
-    python -m longvid_jax.train --config=configs/tdc.py:size=full,llm=qwen2_7b \
+    python -m longvid_jax.train --config=configs/tdc.py:stage=2,size=full,llm=qwen2_7b \
         --config.input.annotations=/data/tdc_stage2.jsonl --config.input.video_root=/data/videos \
-        --workdir=/ckpt/tdc
+        --workdir=/ckpt/tdc_stage2
 
-Arguments after ':' (comma separated): size=demo|full, llm=qwen2_7b|llama3_2_3b (full only).
-Any field can be overridden with --config.<path>=<value>.
+Arguments after ':' (comma separated): stage=1|2|3 (default: none, see below), size=demo|full,
+llm=qwen2_7b|llama3_2_3b (full only). Any field can be overridden with --config.<path>=<value>.
+
+The stages (`scripts/stage{1,2,3}/*.sh` of the original; all: AdamW, cosine schedule, warmup
+ratio 0.03, weight decay 0, 1 epoch, bf16, sequences up to 8192 tokens = the largest length
+bucket, towers frozen). Batches are per process: on one 8-GPU host `input.batch_size` =
+per-GPU batch x `grad_accum_steps` x 8, as the original's per-device x accumulation x 8 GPUs.
+
+  stage=1  image-text alignment. Data: LLaVA-OneVision single images. An image is a one-frame
+           video here (`input.max_frames=1`): each record yields one static frame of 576 tokens
+           (24x24, `model.vision_pool`) plus the frame separator, where TDC's LongVU image path
+           adds 24 row-newline tokens instead. The pipeline decodes video files only, so images
+           must be given as one-frame clips until it reads image files (a known limitation).
+           No audio. Trained: the LLM and the projector; frozen: the vision tower and the TDC
+           compressor (TDC creates its Q-Former only in stage 2). LR 1e-5; batch 4 x 2 x 8.
+  stage=2  video instruction tuning. Data: TDC stage-2 video JSON (LLaVA conversations with
+           `<image>` / `<video>`), 1 fps, 144 tokens per static frame (12x12), up to 224
+           frames (28 chunks x 264 tokens = 7392 video tokens), no audio. Trained: everything
+           but the vision tower (TDC: "full"). LR 5e-6 (Qwen2) / 2e-5 (Llama); batch 1 x 2 x 8.
+  stage=3  audio-video instruction tuning. Data: TDC stage-3 audio-video JSON; 144 + 50 audio
+           tokens per static frame, up to 192 frames (24 chunks x 314 = 7536 video tokens).
+           Trained: LoRA adapters (r=128, alpha=256, dropout 0.05; `config.lora`, targets
+           `lora.TDC_TARGETS`) plus the whole Q-Former, `frame_seg` and `audio_proj`; frozen:
+           everything else (the base LLM, projector, towers, query_proj / vision_proj kernels).
+           TDC also trains the SVA connector's `pos_embed_*`: the trainable set names them, but
+           this composite has none yet (it pools instead of running the SVA). LR 2e-5;
+           batch 1 x 1 x 8.
+           Merge the adapters for export with `longvid_jax.models.lora.merge_lora`.
+  (none)   the demo recipe: stage 2's trainable set and learning rates on audio-video data
+           (144 + 50 audio tokens per static frame at full size, 128 frames).
+
+Stage 2 starts from the stage-1 weights; stage 3 from stage 1 (Qwen2 script) or stage 2
+(Llama script). The trainer initialises from scratch or resumes its own workdir; loading the
+previous stage's (converted) weights is a separate step.
+Demo sizes keep the same structure at toy scale: 16 vs 4 tokens per static frame (4x4 grid vs
+2x2 pooling, the ratio of 576 : 144) and LoRA rank 4.
 """
 
 import dataclasses
@@ -21,7 +55,7 @@ import os
 import ml_collections
 
 from longvid_jax.config_arg import parse_arg
-from longvid_jax.models import audio, decoder, qformer, vit
+from longvid_jax.models import audio, decoder, lora, qformer, vit
 
 _SAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                         "data", "samples")
@@ -38,14 +72,38 @@ def _fields(module_config, drop=("encoder_width", "num_queries")) -> dict:
     return out
 
 
+# Stage 3 trains these parameters (path regexes, fully matched) and freezes all others.
+_STAGE3_TRAINABLE = (
+    r".*/lora_[ab]",  # every LoRA adapter
+    r"compressor/qformer/.*",  # TDC "Qformer" (its adapters too)
+    r"compressor/frame_seg",
+    r"compressor/audio_proj/.*",
+    r".*/pos_embed_[0-9]+",  # the SVA connector's window position embeddings (models/sva.py),
+    # which TDC trains too; none exist until the composite runs the SVA instead of pooling
+)
+
+
+def _all_but(patterns) -> str:
+    """One regex that fully matches every path that none of `patterns` fully matches."""
+    return "(?!" + "|".join(f"(?:{p})$" for p in patterns) + ").*"
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """Returns the TDC training config; see the module docstring for the arguments."""
-    arg = parse_arg(arg, size="demo", llm="qwen2_7b")
+    """Returns the TDC training config; see the module docstring for the arguments.
+
+    Raises:
+      ValueError: an unknown stage, size or llm.
+    """
+    arg = parse_arg(arg, stage="", size="demo", llm="qwen2_7b")
+    if arg.stage not in ("", "1", "2", "3"):
+        raise ValueError(f"stage must be 1, 2 or 3, got {arg.stage!r}")
     if arg.size not in ("demo", "full"):
         raise ValueError(f"size must be demo or full, got {arg.size!r}")
     if arg.llm not in ("qwen2_7b", "llama3_2_3b"):
         raise ValueError(f"llm must be qwen2_7b or llama3_2_3b, got {arg.llm!r}")
     demo = arg.size == "demo"
+    stage = int(arg.stage or 0)
+    with_audio = stage in (0, 3)
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.total_steps = 150 if demo else 10_000
@@ -56,7 +114,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Tokens per chunk of the vocabulary projection in the loss (0: whole-batch logits).
     c.loss_chunk = 0 if demo else 2048
     # Micro-batches per step (gradients accumulated); input.batch_size rows split into these.
-    c.grad_accum_steps = 1
+    c.grad_accum_steps = 1 if demo else {0: 1, 1: 2, 2: 2, 3: 1}[stage]
 
     # Model. Each sub-dict holds every field of a module config (longvid_jax/models/*.py),
     # resolved from a named variant there, so `--config.model.llm.num_layers=4` works; the
@@ -67,7 +125,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             "tiny", vocab_size=_QWEN_VOCAB, tie_embeddings=True, hidden_size=128, head_dim=32,
             mlp_dim=384, attention_impl="auto", packed_sequences=False))
         c.model.vision = _fields(vit.make_config("tiny", post_ln=False))
-        c.model.vision_pool = None
+        c.model.vision_pool = (2, 2) if stage in (2, 3) else None  # 4x4 grid -> 4 tokens
         c.model.audio = _fields(audio.make_config("tiny"))
         c.model.audio_tokens_per_second = 5
         c.model.qformer = _fields(qformer.make_config("tiny", vocab_size=_QWEN_VOCAB))
@@ -81,7 +139,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                                   packed_sequences=False, scan_layers=True,
                                                   remat_policy="dots_attention", **bf16))
         c.model.vision = _fields(vit.make_config("so400m_14_384", post_ln=False, **bf16))
-        c.model.vision_pool = (12, 12)
+        c.model.vision_pool = (24, 24) if stage == 1 else (12, 12)  # 576 / 144 tokens
         c.model.audio = _fields(audio.make_config("large_v3", **bf16))
         c.model.audio_tokens_per_second = 50
         # TDC feeds the instruction to the Q-Former through bert-base-uncased's WordPiece; here
@@ -89,30 +147,41 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.model.qformer = _fields(qformer.make_config(
             "bert_base", vocab_size=c.model.llm.vocab_size, **bf16))
         c.model.compressor = dict(num_tokens=16, chunk_size=8, text_input=True)
+    if not with_audio:
+        c.model.audio = None
+
+    # LoRA (longvid_jax/models/lora.py; rank 0 = off): adapters on the modules whose path fully
+    # matches `targets`, switched on by the trainer through `lora.lora_context(config.lora)`.
+    if stage == 3:
+        c.lora = dataclasses.asdict(lora.make_config("tdc_tiny" if demo else "tdc"))
+    else:
+        c.lora = dataclasses.asdict(lora.make_config(targets=lora.TDC_TARGETS))
 
     # Input pipeline (longvid_jax/input/pipeline.py).
     c.input = ml_collections.ConfigDict()
     c.input.annotations = os.path.join(_SAMPLES, "train.jsonl")
     c.input.video_root = ml_collections.FieldReference(None, field_type=str)
     c.input.fps = 1.0
-    c.input.max_frames = 16 if demo else 128
+    c.input.max_frames = 1 if stage == 1 else 16 if demo else {0: 128, 2: 224, 3: 192}[stage]
     c.input.image_size = 32 if demo else 384
     c.input.image_mean = (0.5, 0.5, 0.5)  # SigLIP
     c.input.image_std = (0.5, 0.5, 0.5)
-    c.input.num_mel_bins = 16 if demo else 128
+    c.input.num_mel_bins = 0 if not with_audio else 16 if demo else 128
     c.input.tokenizer = "qwen2"  # or a local HF checkpoint folder holding the tokenizer
     c.input.template = "chatml"
     c.input.system = "You are a helpful assistant."
-    c.input.length_buckets = (256, 512) if demo else (2048, 4096, 8192)
+    c.input.length_buckets = ((256, 512) if demo else (1024, 2048, 4096, 8192) if stage == 1
+                              else (2048, 4096, 8192))
     c.input.qformer_text_len = 32 if demo else 256
-    c.input.batch_size = 2 if demo else 8
+    c.input.batch_size = 2 if demo else {0: 8, 1: 64, 2: 16, 3: 8}[stage]
     c.input.num_workers = 2 if demo else 8
     c.input.shuffle = True
     c.input.seed = 0
 
     # Optimizer (TDC: AdamW, cosine, warmup ratio 0.03, weight decay 0; towers frozen).
     c.optim = ml_collections.ConfigDict()
-    c.optim.lr = 3e-3 if demo else (5e-6 if arg.llm == "qwen2_7b" else 2e-5)
+    stage2_lr = 5e-6 if arg.llm == "qwen2_7b" else 2e-5
+    c.optim.lr = 3e-3 if demo else {0: stage2_lr, 1: 1e-5, 2: stage2_lr, 3: 2e-5}[stage]
     c.optim.warmup_ratio = 0.03
     c.optim.min_lr_ratio = 0.0
     c.optim.weight_decay = 0.0
@@ -120,7 +189,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim.b2 = 0.999
     c.optim.eps = 1e-8
     c.optim.grad_clip_norm = 1.0
-    c.optim.frozen = ("vision_tower/.*", "audio_encoder/.*")
+    # Path regexes (fully matched) of the parameters that never change.
+    if stage == 1:
+        c.optim.frozen = ("vision_tower/.*", "audio_encoder/.*", "compressor/.*")
+    elif stage == 3:
+        c.optim.frozen = (_all_but(_STAGE3_TRAINABLE),)
+    else:
+        c.optim.frozen = ("vision_tower/.*", "audio_encoder/.*")
 
     # Mesh and logical -> mesh axis rules (longvid_jax/sharding.py).
     # ICI sizes count the devices of one granule (a TPU slice; else a host / process), DCN
@@ -143,5 +218,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         ("layers", None),
         ("norm", None),
         ("conv", None),
+        (lora.LORA_RANK, None),
     ]
     return c

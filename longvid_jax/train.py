@@ -33,7 +33,7 @@ from tqdm import tqdm
 from longvid_jax import checkpoints, distributed, losses, optim, sharding
 from longvid_jax.input import pipeline
 from longvid_jax.input import tokenizer as tokenizer_lib
-from longvid_jax.models import video_llm
+from longvid_jax.models import lora, video_llm
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config).",
                                           lock_config=True)
@@ -91,7 +91,8 @@ class Trainer:
         model_cfg = video_llm.make_config(config.model)
         model = video_llm.VideoLLM(model_cfg)
         dummy = example_batch(model_cfg, config.input)
-        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules), lora.lora_context(
+                config.get("lora")):
             boxed = jax.eval_shape(lambda r: model.init(r, dummy)["params"], jax.random.key(0))
         param_sh = sharding.tree_shardings(boxed, mesh, rules)
         abstract_params = nn.unbox(boxed)
@@ -114,23 +115,27 @@ class Trainer:
             return {"params": params, "opt_state": self.tx.init(params),
                     "step": jnp.zeros((), jnp.int32)}
 
-        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules), lora.lora_context(
+                self.config.get("lora")):
             return jax.jit(init, out_shardings=self.state_shardings)(jax.random.key(seed))
 
-    def loss_fn(self, params, batch):
+    def loss_fn(self, params, batch, rng=None):
         """Mean next-token loss over target tokens, and (nll sum, target count).
 
         With `config.loss_chunk > 0` the logits are computed that many tokens at a time
-        (`losses.chunked_lm_loss`) and never exist for the whole batch at once.
+        (`losses.chunked_lm_loss`) and never exist for the whole batch at once. `rng` is the
+        'dropout' key (LoRA dropout acts only inside `lora_context(..., deterministic=False)`).
         """
         targets, weights = losses.next_token_targets(batch["input_ids"], batch["loss_mask"],
                                                      batch["segment_ids"])
+        rngs = {"dropout": rng} if rng is not None else None
         if self.config.loss_chunk:
             def forward(module, b):
                 hidden, _ = module(b)
                 return hidden, module.llm.head_weight()
 
-            hidden, head = self.model.apply({"params": params}, batch, method=forward)
+            hidden, head = self.model.apply({"params": params}, batch, method=forward,
+                                            rngs=rngs)
             nll, count = losses.chunked_lm_loss(hidden, head, targets, weights,
                                                 chunk_size=self.config.loss_chunk,
                                                 dtype=self.model_cfg.llm.compute_dtype)
@@ -139,11 +144,11 @@ class Trainer:
                 hidden, _ = module(b)
                 return module.logits(hidden)
 
-            logits = self.model.apply({"params": params}, batch, method=forward)
+            logits = self.model.apply({"params": params}, batch, method=forward, rngs=rngs)
             nll, count = losses.lm_loss(logits, targets, weights)
         return nll / jnp.maximum(count, 1.0), (nll, count)
 
-    def grads(self, params, batch):
+    def grads(self, params, batch, rng=None):
         """Summed next-token NLL, target count and the gradient of the mean loss.
 
         With `config.grad_accum_steps = n > 1` the batch is cut into n micro-batches (rows
@@ -152,13 +157,15 @@ class Trainer:
         summed NLL; the result equals one pass over the whole batch (the mean is over all
         target tokens of the batch), with the activation memory of one micro-batch.
 
+        `rng` (the 'dropout' key, or None) is folded with the micro-batch index.
+
         Raises:
           ValueError: the batch rows per process are not a multiple of n.
         """
         n = int(self.config.get("grad_accum_steps", 1))
         if n == 1:
             (_, (nll, count)), grads = jax.value_and_grad(self.loss_fn, has_aux=True)(
-                params, batch)
+                params, batch, rng)
             return nll, count, grads
         rows = batch["input_ids"].shape[0]
         if rows % n:
@@ -170,20 +177,23 @@ class Trainer:
             return jax.lax.with_sharding_constraint(
                 x, jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(None, *spec)))
 
-        def sum_loss(p, micro):
-            _, (nll, count) = self.loss_fn(p, micro)
+        def sum_loss(p, micro, micro_rng):
+            _, (nll, count) = self.loss_fn(p, micro, micro_rng)
             return nll, count
 
-        def body(carry, micro):
+        def body(carry, xs):
             nll, count, acc = carry
-            (m_nll, m_count), g = jax.value_and_grad(sum_loss, has_aux=True)(params, micro)
+            micro, j = xs
+            micro_rng = jax.random.fold_in(rng, j) if rng is not None else None
+            (m_nll, m_count), g = jax.value_and_grad(sum_loss, has_aux=True)(params, micro,
+                                                                             micro_rng)
             acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), acc, g)
             return (nll + m_nll, count + m_count, acc), None
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
         (nll, count, acc), _ = jax.lax.scan(
             body, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros),
-            jax.tree.map(split, batch))
+            (jax.tree.map(split, batch), jnp.arange(n)))
         grads = jax.tree.map(lambda g, p: (g / jnp.maximum(count, 1.0)).astype(p.dtype),
                              acc, params)
         return nll, count, grads
@@ -193,7 +203,9 @@ class Trainer:
         """Jitted `(state, batch) -> (state, metrics)`; the state buffers are donated."""
 
         def step(state, batch):
-            nll, count, grads = self.grads(state["params"], batch)
+            # LoRA dropout key: a function of the seed and step, so resumed runs match.
+            rng = jax.random.fold_in(jax.random.key(self.config.seed), state["step"])
+            nll, count, grads = self.grads(state["params"], batch, rng)
             updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
             params = optax.apply_updates(state["params"], updates)
             metrics = {"loss": nll / jnp.maximum(count, 1.0), "target_tokens": count,
@@ -204,7 +216,8 @@ class Trainer:
         jitted = jax.jit(step, out_shardings=(self.state_shardings, None), donate_argnums=0)
 
         def run(state, batch):
-            with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules), lora.lora_context(
+                    self.config.get("lora"), deterministic=False):
                 return jitted(state, batch)
 
         return run

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from longvid_jax.models import EMBED, MLP
+from longvid_jax.models import EMBED, MLP, lora
 from longvid_jax.models.layers import Dtype, activation, fan_in_init
 
 
@@ -75,7 +75,10 @@ class LinearProjector(nn.Module):
                                                                    (self.kernel_axes[1],)),
                               (self.out_width,), jnp.dtype(self.param_dtype))
             y = y + bias.astype(dtype)
-        return y
+        delta = lora.einsum_delta(self, "...E,ED->...D", x, shape=(self.in_width, self.out_width),
+                                  axes=self.kernel_axes, fan_in_axes=(0,), dtype=dtype,
+                                  param_dtype=jnp.dtype(self.param_dtype))
+        return y if delta is None else y + delta
 
 
 class MLPProjector(nn.Module):

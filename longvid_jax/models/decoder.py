@@ -52,6 +52,7 @@ from longvid_jax.models import (
     MLP,
     VOCAB,
 )
+from longvid_jax.models import attention as attention_lib
 from longvid_jax.models.layers import Einsum, RMSNorm, activation, fan_in_init
 
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor",
@@ -389,8 +390,24 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x: Float[Array, "B T D"], cos: Float[Array, "B T H"],
-                 sin: Float[Array, "B T H"], segment_ids: Int[Array, "B T"] | None
-                 ) -> Float[Array, "B T D"]:
+                 sin: Float[Array, "B T H"], segment_ids: Int[Array, "B T"] | None,
+                 layer_cache: Mapping[str, Array] | None = None,
+                 cache_valid: Array | None = None):
+        """Self-attention, optionally against a KV cache.
+
+        Args:
+          x: [B, T, D]; cos, sin: float32[B, T, H] RoPE tables of the tokens' positions.
+          segment_ids: int32[B, T] or None (see `Decoder.__call__`).
+          layer_cache: None (no cache: returns the output only), an empty dict (prefill:
+            also returns this call's keys / values `{"k", "v"}` [B, T, K, H] in the compute
+            dtype), or `{"k", "v"}` [B, S, K, H] cached keys / values (decode: T new tokens
+            attend to the valid cached slots and causally to each other; returns the new
+            tokens' keys / values, which the caller writes into the cache).
+          cache_valid: bool[B, S], the valid cached slots (decode only).
+
+        Returns:
+          [B, T, D], or ([B, T, D], {"k", "v"} [B, T, K, H]) with a cache.
+        """
         cfg = self.config
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         proj = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
@@ -408,15 +425,23 @@ class Attention(nn.Module):
         kk = nn.with_logical_constraint(apply_rope(kk, cos, sin), (ACT_BATCH, ACT_LEN,
                                                                    ACT_KV_HEADS, None))
         v = nn.with_logical_constraint(v, (ACT_BATCH, ACT_LEN, ACT_KV_HEADS, None))
-        # Causal by index (as HF), restricted to equal segment ids (packing / padding).
-        out = dispatch.attention(q, kk, v, causal=True, segment_ids=segment_ids,
-                                 implementation=cfg.attention_impl,
-                                 max_score_bytes=cfg.max_score_bytes,
-                                 padding_only=not cfg.packed_sequences,
-                                 **context_parallel_kwargs())
+        if layer_cache:  # decode against the cache (XLA; T is small)
+            out = cached_attention(q, kk, v, layer_cache["k"], layer_cache["v"], cache_valid,
+                                   segment_ids)
+        else:
+            # Causal by index (as HF), restricted to equal segment ids (packing / padding).
+            out = dispatch.attention(q, kk, v, causal=True, segment_ids=segment_ids,
+                                     implementation=cfg.attention_impl,
+                                     max_score_bytes=cfg.max_score_bytes,
+                                     padding_only=not cfg.packed_sequences,
+                                     **context_parallel_kwargs())
         out = nn.with_logical_constraint(out, (ACT_BATCH, ACT_LEN, ACT_HEADS, None))
-        return Einsum((n, h, d), (HEADS, HEAD_DIM, EMBED), fan_in_axes=(0, 1), name="o_proj",
-                      **proj)("BTNH,NHD->BTD", out)
+        out = Einsum((n, h, d), (HEADS, HEAD_DIM, EMBED), fan_in_axes=(0, 1), name="o_proj",
+                     **proj)("BTNH,NHD->BTD", out)
+        if layer_cache is None:
+            return out
+        dtype = cfg.compute_dtype
+        return out, {"k": kk.astype(dtype), "v": v.astype(dtype)}
 
 
 class FeedForward(nn.Module):
@@ -438,22 +463,30 @@ class FeedForward(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm block: `x + attn(norm(x))`, then `x + mlp(norm(x))` (HF `*DecoderLayer`).
 
-    Returns `(x, None)` so the same module runs under `nn.scan`.
+    Returns `(x, None)` (or `(x, new keys / values)` with a cache, see `Attention`) so the same
+    module runs under `nn.scan`.
     """
 
     config: DecoderConfig
 
     @nn.compact
     def __call__(self, x: Float[Array, "B T D"], cos: Float[Array, "B T H"],
-                 sin: Float[Array, "B T H"], segment_ids: Int[Array, "B T"] | None
-                 ) -> tuple[Float[Array, "B T D"], None]:
+                 sin: Float[Array, "B T H"], segment_ids: Int[Array, "B T"] | None,
+                 layer_cache: Mapping[str, Array] | None = None,
+                 cache_valid: Array | None = None
+                 ) -> tuple[Float[Array, "B T D"], Any]:
         cfg = self.config
         x = nn.with_logical_constraint(x, ACT_BTD)
         h = RMSNorm(cfg.rms_eps, param_dtype=cfg.weight_dtype, name="input_layernorm")(x)
-        x = x + Attention(cfg, name="self_attn")(h, cos, sin, segment_ids)
+        out = Attention(cfg, name="self_attn")(h, cos, sin, segment_ids, layer_cache,
+                                               cache_valid)
+        kv = None
+        if layer_cache is not None:
+            out, kv = out
+        x = x + out
         h = RMSNorm(cfg.rms_eps, param_dtype=cfg.weight_dtype, name="post_attention_layernorm")(x)
         x = x + FeedForward(cfg, name="mlp")(h)
-        return nn.with_logical_constraint(x, ACT_BTD), None
+        return nn.with_logical_constraint(x, ACT_BTD), kv
 
 
 class Decoder(nn.Module):
@@ -478,8 +511,10 @@ class Decoder(nn.Module):
             layer_cls = nn.remat(layer_cls, policy=policy, prevent_cse=not cfg.scan_layers)
         if cfg.scan_layers:
             self.layers = nn.scan(
-                layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
-                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                layer_cls, variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: LAYERS})(cfg)
         else:
             self.layers = [layer_cls(cfg) for _ in range(cfg.num_layers)]
@@ -500,9 +535,10 @@ class Decoder(nn.Module):
 
     def __call__(self, embeds: Float[Array, "B T D"], positions: Int[Array, "B T"],
                  segment_ids: Int[Array, "B T"] | None = None, *,
-                 return_hidden_states: bool = False
+                 return_hidden_states: bool = False,
+                 cache: Mapping[str, Array] | None = None,
                  ) -> tuple[Float[Array, "B T D"], dict[str, Any]]:
-        """Runs the layers and the final norm.
+        """Runs the layers and the final norm, optionally reading / writing a KV cache.
 
         Args:
           embeds: [B, T, D] input embeddings (cast to the compute dtype).
@@ -512,12 +548,24 @@ class Decoder(nn.Module):
           return_hidden_states: also return `aux["hidden_states"]`, a list of L + 1 arrays
             [B, T, D]: each layer's input, then the final (normed) output, like HF
             `output_hidden_states`. Not supported with `scan_layers`.
+          cache: None, or a KV cache from `init_cache` (keys / values of right-padded rows,
+            `lengths[b]` valid slots in row b). With T > 1 the call is a prefill of an EMPTY
+            cache: attention runs through the usual dispatch path over these T tokens, their
+            keys / values go to slots 0..T-1, and `lengths` becomes the count of
+            `segment_ids > 0` per row (T without segment ids), so `segment_ids` may only mark
+            right padding (1 then 0). With T == 1 the call is a decode step: each row's token
+            attends to its `lengths[b]` cached slots and itself (XLA attention) and is written
+            at slot `lengths[b]`, which then grows by one. The caller gives matching `positions`
+            (0..T-1 at prefill, `lengths` at decode). Slots past S are silently dropped: the
+            caller sizes the cache.
 
         Returns:
-          (hidden [B, T, D] in the compute dtype after the final norm, aux dict).
+          (hidden [B, T, D] in the compute dtype after the final norm, aux dict); with a cache,
+          `aux["cache"]` is the updated cache (donate the old one under jit).
 
         Raises:
-          ValueError: on a width / shape mismatch, or hidden states requested with scan_layers.
+          ValueError: on a width / shape mismatch, hidden states requested with scan_layers or
+            a cache, or a cache of the wrong shape.
         """
         cfg = self.config
         if embeds.ndim != 3 or embeds.shape[-1] != cfg.hidden_size:
@@ -528,21 +576,41 @@ class Decoder(nn.Module):
             raise ValueError(f"segment_ids {segment_ids.shape} != embeds[:2] {embeds.shape[:2]}")
         if return_hidden_states and cfg.scan_layers:
             raise ValueError("return_hidden_states is not supported with scan_layers=True")
+        if cache is not None:
+            if return_hidden_states:
+                raise ValueError("return_hidden_states is not supported with a cache")
+            _check_cache(cache, cfg, embeds.shape[0])
         x = nn.with_logical_constraint(embeds.astype(cfg.compute_dtype), ACT_BTD)
         cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg.head_dim, cfg.rope_theta,
                                                          cfg.rope_scaling))
+        decode = cache is not None and embeds.shape[1] == 1
+        if cache is None:
+            layer_caches, cache_valid = None, None
+        elif decode:
+            layer_caches = {"k": cache["k"], "v": cache["v"]}
+            slots = jnp.arange(cache["k"].shape[2], dtype=jnp.int32)
+            cache_valid = slots[None, :] < cache["lengths"][:, None]
+        else:
+            layer_caches, cache_valid = {}, None
         hidden_states = []
         if cfg.scan_layers:
-            x, _ = self.layers(x, cos, sin, segment_ids)
+            x, new_kv = self.layers(x, cos, sin, segment_ids, layer_caches, cache_valid)
         else:
-            for layer in self.layers:
+            new_kvs = []
+            for i, layer in enumerate(self.layers):
                 if return_hidden_states:
                     hidden_states.append(x)
-                x, _ = layer(x, cos, sin, segment_ids)
+                layer_cache = (None if layer_caches is None else
+                               jax.tree.map(lambda c, i=i: c[i], layer_caches))
+                x, kv = layer(x, cos, sin, segment_ids, layer_cache, cache_valid)
+                new_kvs.append(kv)
+            new_kv = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *new_kvs)
         x = nn.with_logical_constraint(self.norm(x), ACT_BTD)
         aux: dict[str, Any] = {}
         if return_hidden_states:
             aux["hidden_states"] = hidden_states + [x]
+        if cache is not None:
+            aux["cache"] = _write_cache(cache, new_kv, segment_ids, decode)
         if self.is_initializing():  # create the embedding and head parameters too
             self.embed(jnp.zeros((1, 1), jnp.int32))
             self.logits(x[:1, :1])
@@ -565,6 +633,110 @@ class Decoder(nn.Module):
 
 
 Model = Decoder
+
+
+# ----------------------------------------------------------------------------------------------
+# KV cache.
+
+
+def init_cache(config: DecoderConfig, batch: int, max_len: int) -> dict[str, jax.Array]:
+    """An empty KV cache for `Decoder.__call__(..., cache=...)`.
+
+    Layout (one stacked array per kind, for scanned and unscanned layers alike):
+      k, v: [L, B, S, K, H] in the compute dtype (S = max_len), zeros;
+      lengths: int32[B], the valid slots of each row (0).
+
+    Raises:
+      ValueError: for a non-positive batch or max_len.
+    """
+    if batch < 1 or max_len < 1:
+        raise ValueError(f"batch and max_len must be positive, got {batch}, {max_len}")
+    shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+    return {"k": jnp.zeros(shape, config.compute_dtype),
+            "v": jnp.zeros(shape, config.compute_dtype),
+            "lengths": jnp.zeros((batch,), jnp.int32)}
+
+
+def _check_cache(cache: Mapping[str, Any], cfg: DecoderConfig, batch: int) -> None:
+    if set(cache) != {"k", "v", "lengths"}:
+        raise ValueError(f"cache must hold k, v and lengths, got {sorted(cache)}")
+    want = (cfg.num_layers, batch, cfg.num_kv_heads, cfg.head_dim)
+    for name in ("k", "v"):
+        shape = cache[name].shape
+        if len(shape) != 5 or (shape[0], shape[1], shape[3], shape[4]) != want:
+            raise ValueError(f"cache[{name!r}] has shape {shape}; want [L, B, S, K, H] with "
+                             f"(L, B, K, H) = {want}")
+    if cache["lengths"].shape != (batch,):
+        raise ValueError(f"cache['lengths'] has shape {cache['lengths'].shape}, want ({batch},)")
+
+
+def _write_cache(cache: Mapping[str, jax.Array], new_kv: Mapping[str, jax.Array],
+                 segment_ids: jax.Array | None, decode: bool) -> dict[str, jax.Array]:
+    """Writes the new keys / values `[L, B, T, K, H]`: at slot `lengths[b]` of row b (decode,
+    T == 1) or at slots 0..T-1 (prefill); returns the cache with updated lengths."""
+    k, v, lengths = cache["k"], cache["v"], cache["lengths"]
+    if decode:
+        rows = jnp.arange(k.shape[1])
+        k = k.at[:, rows, lengths].set(new_kv["k"][:, :, 0].astype(k.dtype), mode="drop")
+        v = v.at[:, rows, lengths].set(new_kv["v"][:, :, 0].astype(v.dtype), mode="drop")
+        return {"k": k, "v": v, "lengths": lengths + 1}
+    t = new_kv["k"].shape[2]
+    k = jax.lax.dynamic_update_slice(k, new_kv["k"].astype(k.dtype), (0, 0, 0, 0, 0))
+    v = jax.lax.dynamic_update_slice(v, new_kv["v"].astype(v.dtype), (0, 0, 0, 0, 0))
+    if segment_ids is None:
+        lengths = jnp.full_like(lengths, t)
+    else:
+        lengths = (segment_ids > 0).sum(axis=1).astype(jnp.int32)
+    return {"k": k, "v": v, "lengths": lengths}
+
+
+def cached_attention(q: Float[Array, "B T N H"], k: Float[Array, "B T K H"],
+                     v: Float[Array, "B T K H"], k_cache: Float[Array, "B S K H"],
+                     v_cache: Float[Array, "B S K H"], cache_valid: Array,
+                     segment_ids: Int[Array, "B T"] | None = None
+                     ) -> Float[Array, "B T N H"]:
+    """Attention of T new tokens over the valid cached slots and, causally, over themselves.
+
+    The cache is read in place (never concatenated with the new keys): scores against the
+    cache and against the new tokens are joined before one float32 softmax, as
+    `attention.dot_product_attention_ref` computes them (masks from `make_attention_mask`).
+
+    Args:
+      q: [B, T, N, H] queries (RoPE applied); k, v: [B, T, K, H] the new tokens' keys / values.
+      k_cache, v_cache: [B, S, K, H]; cache_valid: bool[B, S] slots to attend.
+      segment_ids: int32[B, T] or None; new tokens with id 0 see no other new token.
+
+    Returns:
+      [B, T, N, H] in q's dtype.
+    """
+    b, t, n, h = q.shape
+    kh, s = k.shape[2], k_cache.shape[1]
+    g = n // kh
+    qg = q.reshape(b, t, kh, g, h)
+    scale = h**-0.5
+    old = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k_cache.astype(q.dtype),
+                     preferred_element_type=jnp.float32) * scale
+    new = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k.astype(q.dtype),
+                     preferred_element_type=jnp.float32) * scale
+    old_mask = attention_lib.make_attention_mask(batch=b, q_len=t, kv_len=s,
+                                                 kv_valid=cache_valid)
+    new_mask = attention_lib.make_attention_mask(batch=b, q_len=t, kv_len=t, causal=True,
+                                                 q_segment_ids=segment_ids,
+                                                 kv_segment_ids=segment_ids)
+    neg = -0.7 * float(jnp.finfo(jnp.float32).max)  # as attention.py
+    old = jnp.where(old_mask[:, :, None], old, neg)  # [B, 1, 1, T, S] over [B, K, G, T, S]
+    new = jnp.where(new_mask[:, :, None], new, neg)
+    # One softmax over both parts without concatenating them (a concatenation of the scores
+    # made XLA fuse the whole score computation into a slow concatenate kernel on GPU).
+    top = jnp.maximum(old.max(axis=-1, keepdims=True), new.max(axis=-1, keepdims=True))
+    p_old, p_new = jnp.exp(old - top), jnp.exp(new - top)
+    denom = p_old.sum(axis=-1) + p_new.sum(axis=-1)  # [B, K, G, T]
+    out = (jnp.einsum("BKGTS,BSKH->BTKGH", p_old.astype(v.dtype), v_cache.astype(v.dtype),
+                      preferred_element_type=jnp.float32)
+           + jnp.einsum("BKGTS,BSKH->BTKGH", p_new.astype(v.dtype), v,
+                        preferred_element_type=jnp.float32))
+    out = out / jnp.moveaxis(denom, 3, 1)[..., None]
+    return out.reshape(b, t, n, h).astype(q.dtype)
 
 
 # ----------------------------------------------------------------------------------------------

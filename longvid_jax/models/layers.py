@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from longvid_jax.models import NORM
+from longvid_jax.models import NORM, lora
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
@@ -43,6 +43,11 @@ class Einsum(nn.Module):
       fan_in_axes: weight axes contracted by the equation (for the default init); default `(0,)`.
       dtype: compute dtype (inputs and weights are cast to it); `None` keeps the input's.
       param_dtype: storage dtype of the weights (float32 master weights by default).
+
+    Inside a `lora.lora_context` whose targets match this module's path, the layer also holds
+    a LoRA adapter (`lora_a`, `lora_b` beside `kernel`) and adds `(alpha/r) * B(A(dropout(x)))`
+    to its output (see `longvid_jax.models.lora`); otherwise its parameters are exactly
+    `kernel` (and `bias`).
     """
 
     shape: tuple[int, ...]
@@ -75,17 +80,30 @@ class Einsum(nn.Module):
         y = jnp.einsum(eqn, x.astype(dtype), w.astype(dtype))
         if b is not None:
             y = y + b.astype(dtype)
+        delta = lora.einsum_delta(self, eqn, x, shape=self.shape, axes=self.axes,
+                                  fan_in_axes=self.fan_in_axes, dtype=dtype,
+                                  param_dtype=self.param_dtype)
+        if delta is not None:
+            y = y + delta
         return y
 
 
 class EinsumWeights(Einsum):
     """The parameters of an `Einsum` (same names, shapes and logical axes), returned rather
     than applied: `w, b = EinsumWeights(...)()`. For fusing several projections into one matmul
-    (e.g. q / k / v) while keeping each one's parameters where the checkpoint has them."""
+    (e.g. q / k / v) while keeping each one's parameters where the checkpoint has them.
+
+    A LoRA adapter on this layer (see `Einsum`) is returned folded into the kernel,
+    `kernel + (alpha/r) * A @ B`; LoRA dropout cannot act here (raises ValueError)."""
 
     @nn.compact
     def __call__(self) -> tuple[jax.Array, jax.Array | None]:
-        return self.weights()
+        w, b = self.weights()
+        delta = lora.kernel_delta(self, shape=self.shape, axes=self.axes,
+                                  fan_in_axes=self.fan_in_axes, param_dtype=self.param_dtype)
+        if delta is not None:
+            w = (w.astype(jnp.float32) + delta).astype(w.dtype)
+        return w, b
 
 
 class RMSNorm(nn.Module):
