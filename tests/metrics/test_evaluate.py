@@ -7,6 +7,7 @@ numbers the original scripts printed.
 
 import dataclasses
 import json
+import logging as std_logging
 import os
 import pathlib
 import re
@@ -238,8 +239,15 @@ def test_plots(metric_case, tmp_path, caplog):
     mlvu_dir.mkdir()
     mlvu_files, _, _ = _case(metric_case, mlvu_dir, "mlvu")
     mlvu = evaluate.score("mlvu", mlvu_files["predictions"], mlvu_files["ground_truth"])
-    with caplog.at_level("INFO"):
-        assert evaluate.write_plots(mlvu, tmp_path / "mlvu_plots") == []
+    # Listen on absl's logger itself: earlier tests in the same process (in-process CLIs,
+    # libraries) may change its level or propagation.
+    absl_logger = std_logging.getLogger("absl")
+    absl_logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level("INFO", logger="absl"):
+            assert evaluate.write_plots(mlvu, tmp_path / "mlvu_plots") == []
+    finally:
+        absl_logger.removeHandler(caplog.handler)
     assert "no time spans" in caplog.text
     assert not (tmp_path / "mlvu_plots").exists()
 
