@@ -51,27 +51,42 @@ def _block_mask(q_pos, k_pos, q_seg, k_seg, causal, use_seg):
     return mask
 
 
+def _num_kv_blocks(qi, *, causal, block_q, block_k, kv_len):
+    """Key blocks query block `qi` visits: all, or under the causal rule up to the last block
+    holding a key <= the block's last query."""
+    n_kv = kv_len // block_k
+    if causal:
+        n_kv = jnp.minimum(n_kv, lax.div((qi + 1) * block_q + block_k - 1, block_k))
+    return n_kv
+
+
+def _kv_block_scores(j, q, q_pos, q_seg, k_ref, v_ref, kseg_ref, *, scale, causal, use_seg,
+                     block_k):
+    """Masked float32 scores [bq, bk] of the queries against key block `j`, with that block's
+    keys and values [bk, H]."""
+    start = pl.multiple_of(j * block_k, block_k)
+    k = k_ref[pl.ds(start, block_k), :]
+    v = v_ref[pl.ds(start, block_k), :]
+    s = lax.dot_general(q, k, _DIMS_NT, preferred_element_type=jnp.float32) * scale
+    k_pos = start + lax.broadcasted_iota(jnp.int32, (block_k,), 0)
+    mask = _block_mask(q_pos, k_pos, q_seg, kseg_ref[pl.ds(start, block_k)], causal, use_seg)
+    if mask is not None:
+        s = jnp.where(mask, s, _NEG_INF)
+    return s, k, v
+
+
 def _fwd_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, lse_ref, *, scale, causal,
                 use_seg, block_q, block_k, kv_len):
     qi = pl.program_id(2)
     q = q_ref[...]  # [bq, H]
     q_pos = qi * block_q + lax.broadcasted_iota(jnp.int32, (block_q,), 0)
     q_seg = qseg_ref[...]
-    n_kv = kv_len // block_k
-    if causal:  # last key block holding a key <= the block's last query
-        n_kv = jnp.minimum(n_kv, lax.div((qi + 1) * block_q + block_k - 1, block_k))
+    n_kv = _num_kv_blocks(qi, causal=causal, block_q=block_q, block_k=block_k, kv_len=kv_len)
 
     def body(j, carry):
         m, l, acc = carry
-        start = pl.multiple_of(j * block_k, block_k)
-        k = k_ref[pl.ds(start, block_k), :]
-        v = v_ref[pl.ds(start, block_k), :]
-        s = lax.dot_general(q, k, _DIMS_NT, preferred_element_type=jnp.float32) * scale
-        k_pos = start + lax.broadcasted_iota(jnp.int32, (block_k,), 0)
-        mask = _block_mask(q_pos, k_pos, q_seg, kseg_ref[pl.ds(start, block_k)], causal,
-                           use_seg)
-        if mask is not None:
-            s = jnp.where(mask, s, _NEG_INF)
+        s, _, v = _kv_block_scores(j, q, q_pos, q_seg, k_ref, v_ref, kseg_ref, scale=scale,
+                                   causal=causal, use_seg=use_seg, block_k=block_k)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         alpha = jnp.exp(m - m_new)
         p = jnp.exp(s - m_new[:, None])
@@ -95,20 +110,11 @@ def _dq_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref, lse_ref, delta_r
     delta = delta_ref[...]
     q_pos = qi * block_q + lax.broadcasted_iota(jnp.int32, (block_q,), 0)
     q_seg = qseg_ref[...]
-    n_kv = kv_len // block_k
-    if causal:
-        n_kv = jnp.minimum(n_kv, lax.div((qi + 1) * block_q + block_k - 1, block_k))
+    n_kv = _num_kv_blocks(qi, causal=causal, block_q=block_q, block_k=block_k, kv_len=kv_len)
 
     def body(j, dq):
-        start = pl.multiple_of(j * block_k, block_k)
-        k = k_ref[pl.ds(start, block_k), :]
-        v = v_ref[pl.ds(start, block_k), :]
-        s = lax.dot_general(q, k, _DIMS_NT, preferred_element_type=jnp.float32) * scale
-        k_pos = start + lax.broadcasted_iota(jnp.int32, (block_k,), 0)
-        mask = _block_mask(q_pos, k_pos, q_seg, kseg_ref[pl.ds(start, block_k)], causal,
-                           use_seg)
-        if mask is not None:
-            s = jnp.where(mask, s, _NEG_INF)
+        s, k, v = _kv_block_scores(j, q, q_pos, q_seg, k_ref, v_ref, kseg_ref, scale=scale,
+                                   causal=causal, use_seg=use_seg, block_k=block_k)
         p = jnp.exp(s - lse[:, None])
         dp = lax.dot_general(do, v, _DIMS_NT, preferred_element_type=jnp.float32)
         ds = p * (dp - delta[:, None])
