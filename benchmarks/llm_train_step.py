@@ -1,7 +1,8 @@
 """LLM training step, ours vs `transformers` PyTorch, same GPU, same run (issue 4, benchmark 1).
 
     python benchmarks/llm_train_step.py [--variant=qwen2_0_5b] [--seq=8192] [--batch=1]
-        [--attention=cudnn] [--remat=dots] [--loss_chunk=0] [--steps=10] [--skip_torch] [--smoke]
+        [--attention=cudnn] [--remat=dots] [--loss_chunk=0] [--logits_dtype=float32]
+        [--unfused_qkv] [--steps=10] [--skip_torch] [--smoke]
 
 One full AdamW step on random tokens (next-token loss over every position) for a Qwen2-0.5B-shaped
 model: ours (longvid_jax Decoder, bf16 compute, float32 master weights, nn.scan over layers,
@@ -14,6 +15,7 @@ GPU's dense bf16 rate (H100 SXM 989 TFLOP/s, H200 the same). `--smoke` runs a ti
 """
 
 import argparse
+import functools
 import statistics
 import time
 
@@ -42,7 +44,7 @@ def cast_matrices(params, dtype):
 
 
 def ours(cfg, batch, seq, steps, loss_chunk=0, profile_dir=None, cast_params=False,
-         context=1):
+         context=1, logits_dtype="float32"):
     """Median step time, parameter count and final loss of our training step.
 
     `context > 1` spreads each sequence over that many devices (mesh ("data", "context"),
@@ -52,11 +54,13 @@ def ours(cfg, batch, seq, steps, loss_chunk=0, profile_dir=None, cast_params=Fal
                              axis_types=(jax.sharding.AxisType.Auto,) * 2)
         rules = (("act_batch", "data"), ("act_len", "context"))
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            return _ours(cfg, batch, seq, steps, loss_chunk, profile_dir, cast_params, mesh)
-    return _ours(cfg, batch, seq, steps, loss_chunk, profile_dir, cast_params, None)
+            return _ours(cfg, batch, seq, steps, loss_chunk, profile_dir, cast_params, mesh,
+                         logits_dtype)
+    return _ours(cfg, batch, seq, steps, loss_chunk, profile_dir, cast_params, None,
+                 logits_dtype)
 
 
-def _ours(cfg, batch, seq, steps, loss_chunk, profile_dir, cast_params, mesh):
+def _ours(cfg, batch, seq, steps, loss_chunk, profile_dir, cast_params, mesh, logits_dtype):
     model = decoder.Decoder(cfg)
     rng = np.random.default_rng(0)
     tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, seq + 1)), jnp.int32)
@@ -91,7 +95,8 @@ def _ours(cfg, batch, seq, steps, loss_chunk, profile_dir, cast_params, mesh):
                 return hidden, m.head_weight()
             hidden, head = model.apply({"params": p}, method=fwd)
             nll, count = losses.chunked_lm_loss(hidden, head, targets, weights,
-                                                chunk_size=loss_chunk, dtype=cfg.compute_dtype)
+                                                chunk_size=loss_chunk, dtype=cfg.compute_dtype,
+                                                logits_dtype=logits_dtype)
         else:
             def fwd(m):
                 hidden, _ = m(m.embed(inputs), positions)
@@ -99,29 +104,29 @@ def _ours(cfg, batch, seq, steps, loss_chunk, profile_dir, cast_params, mesh):
             nll, count = losses.lm_loss(model.apply({"params": p}, method=fwd), targets, weights)
         return nll / count
 
-    @jax.jit
+    @functools.partial(jax.jit, donate_argnums=(0, 1))  # as the trainer: state updated in place
     def step(p, s):
         loss, grads = jax.value_and_grad(loss_fn)(p)
         updates, s = tx.update(grads, s, p)
         return optax.apply_updates(p, updates), s, loss
 
-    params, opt_state, loss = step(params, opt_state)
-    jax.block_until_ready(loss)
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        params, opt_state, loss = step(params, opt_state)
-        jax.block_until_ready(loss)
-        times.append(time.perf_counter() - t)
+    state = [params, opt_state, None]
+
+    def run_step():
+        state[0], state[1], state[2] = step(state[0], state[1])
+        return state[2]
+
+    timing = time_steps(run_step, jax.block_until_ready, steps)
+    params, opt_state, loss = state
     if profile_dir:  # a trace of 3 steps (Perfetto JSON + XPlane) for kernel-level breakdowns
         with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
             for _ in range(3):
                 params, opt_state, loss = step(params, opt_state)
             jax.block_until_ready(loss)
-    return statistics.median(times), n_params, float(loss)
+    return timing, n_params, float(loss)
 
 
-def torch_hf(cfg, batch, seq, steps):
+def torch_hf(cfg, batch, seq, steps, checkpointing=True):
     import torch
     import transformers
 
@@ -133,7 +138,8 @@ def torch_hf(cfg, batch, seq, steps):
         max_position_embeddings=max(seq, 32768), attn_implementation="sdpa")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = transformers.Qwen2ForCausalLM(hf_cfg).to(device=device, dtype=torch.bfloat16)
-    model.gradient_checkpointing_enable()
+    if checkpointing:
+        model.gradient_checkpointing_enable()
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device == "cuda")
     tokens = torch.randint(0, cfg.vocab_size, (batch, seq), device=device)
@@ -145,21 +151,39 @@ def torch_hf(cfg, batch, seq, steps):
         opt.zero_grad(set_to_none=True)
         return out.loss
 
-    step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        loss = step()
+    def sync(x):
         if device == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
+        return x
+
+    timing = time_steps(step, sync, steps)
+    loss = step()
     loss = float(loss.detach())
     model = opt = tokens = None  # free the GPU memory before JAX runs
     if device == "cuda":
         torch.cuda.empty_cache()
-    return statistics.median(times), loss
+    return timing, loss
+
+
+def time_steps(step, sync, steps: int) -> dict[str, float]:
+    """Seconds per step of `step()` (returns something `sync` waits for) after one warm-up.
+
+    "pipelined": `steps` steps dispatched back to back, one wait at the end, divided by
+    `steps` -- the throughput of a training loop, which dispatches step n+1 while step n runs
+    (both stacks queue GPU work asynchronously). "synced": the median of `steps` steps each
+    waited for, which adds the host's dispatch latency to every step."""
+    sync(step())
+    t = time.perf_counter()
+    for _ in range(steps):
+        out = step()
+    sync(out)
+    pipelined = (time.perf_counter() - t) / steps
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        sync(step())
+        times.append(time.perf_counter() - t)
+    return {"pipelined": pipelined, "synced": statistics.median(times)}
 
 
 def main():
@@ -172,10 +196,16 @@ def main():
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--loss_chunk", type=int, default=0, help="tokens per logits chunk; 0: all")
     p.add_argument("--skip_torch", action="store_true")
+    p.add_argument("--torch_no_checkpointing", action="store_true",
+                   help="PyTorch without gradient checkpointing (the issue's stack uses it)")
     p.add_argument("--profile_dir", default=None, help="write a trace of 3 of our steps here")
     p.add_argument("--cast_params", action="store_true",
                    help="cast weight matrices to bf16 once per step (not inside each layer)")
     p.add_argument("--no_scan", action="store_true", help="unrolled layers instead of nn.scan")
+    p.add_argument("--unfused_qkv", action="store_true",
+                   help="three q / k / v matmuls instead of one (DecoderConfig.fused_projections)")
+    p.add_argument("--logits_dtype", default="float32",
+                   help="dtype of the chunked loss's logits (bfloat16: as transformers in bf16)")
     p.add_argument("--smoke", action="store_true")
     a = p.parse_args()
     if a.smoke:
@@ -184,31 +214,37 @@ def main():
     else:
         cfg = decoder.make_config(a.variant, dtype="bfloat16", param_dtype="float32",
                                   scan_layers=not a.no_scan, remat_policy=a.remat,
-                                  attention_impl=a.attention)
+                                  attention_impl=a.attention,
+                                  fused_projections=not a.unfused_qkv)
         seq, steps = a.seq, a.steps
     kind = jax.devices()[0].device_kind
     peak = next((v for k, v in PEAK_BF16.items() if k in kind), None)
     print(f"device: {kind}; jax {jax.__version__}; {a.variant if not a.smoke else 'tiny'} "
           f"batch {a.batch} x {seq} tokens; ours: attention={cfg.attention_impl}, "
           f"remat={cfg.remat_policy}, scan={cfg.scan_layers}, loss_chunk={a.loss_chunk}, "
-          f"cast_params={a.cast_params}")
+          f"cast_params={a.cast_params}, fused_qkv={cfg.fused_projections}, "
+          f"logits_dtype={a.logits_dtype}")
     # PyTorch runs first and returns its cached memory before JAX allocates (both share the GPU).
     dt_t = None
     if not a.skip_torch:
-        dt_t, loss_t = torch_hf(cfg, a.batch, seq, steps)
-    dt, n_params, loss = ours(cfg, a.batch, seq, steps, 16 if a.smoke else a.loss_chunk,
-                              a.profile_dir, a.cast_params)
+        dt_t, loss_t = torch_hf(cfg, a.batch, seq, steps, not a.torch_no_checkpointing)
+    timing, n_params, loss = ours(cfg, a.batch, seq, steps, 16 if a.smoke else a.loss_chunk,
+                                  a.profile_dir, a.cast_params, logits_dtype=a.logits_dtype)
     tokens = a.batch * seq
     flops = model_flops_per_token(cfg, n_params, seq) * tokens
-    mfu = f", MFU {flops / dt / peak:.1%}" if peak else ""
-    print(f"ours:  {dt * 1e3:.1f} ms/step, {tokens / dt:,.0f} tokens/s{mfu} "
-          f"({n_params / 1e6:.1f}M params, loss {loss:.3f})")
-    if dt_t is not None:
-        mfu_t = f", MFU {flops / dt_t / peak:.1%}" if peak else ""
-        print(f"torch: {dt_t * 1e3:.1f} ms/step, {tokens / dt_t:,.0f} tokens/s{mfu_t} "
-              f"(HF Qwen2ForCausalLM, bf16, SDPA, gradient checkpointing; loss {loss_t:.3f})")
-        print(f"ratio ours / torch tokens/s: {dt_t / dt:.2f}x")
 
+    def report(name, t, note):
+        dt = t["pipelined"]
+        mfu = f", MFU {flops / dt / peak:.1%}" if peak else ""
+        print(f"{name}: {dt * 1e3:.1f} ms/step, {tokens / dt:,.0f} tokens/s{mfu} "
+              f"(each step waited for: {t['synced'] * 1e3:.1f} ms; {note})")
+
+    report("ours ", timing, f"{n_params / 1e6:.1f}M params, loss {loss:.3f}")
+    if dt_t is not None:
+        ckpt = "no checkpointing" if a.torch_no_checkpointing else "gradient checkpointing"
+        report("torch", dt_t, f"HF Qwen2ForCausalLM, bf16, SDPA, {ckpt}; loss {loss_t:.3f}")
+        print(f"ratio ours / torch tokens/s: {dt_t['pipelined'] / timing['pipelined']:.2f}x "
+              f"(steps each waited for: {dt_t['synced'] / timing['synced']:.2f}x)")
 
 if __name__ == "__main__":
     main()

@@ -45,12 +45,14 @@ def child(a) -> dict:
                                   attention_impl=impl)
     try:
         if a.stack == "ours":
-            dt, _, loss = bench.ours(cfg, 1, a.seq, 1, a.loss_chunk, context=a.context)
+            timing, _, loss = bench.ours(cfg, 1, a.seq, 1, a.loss_chunk, context=a.context)
+            dt = timing["synced"]
             peak = max((d.memory_stats() or {}).get("peak_bytes_in_use", 0)
                        for d in jax.devices()[:a.context])
         else:
             import torch
-            dt, loss = bench.torch_hf(cfg, 1, a.seq, 1)
+            timing, loss = bench.torch_hf(cfg, 1, a.seq, 1)
+            dt = timing["synced"]
             peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
     except Exception as e:  # out of memory (XlaRuntimeError / torch.OutOfMemoryError) or worse
         return {"ok": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}

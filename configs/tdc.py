@@ -113,6 +113,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.max_skipped_fraction = 0.5  # abort if more than this fraction of records are unreadable
     # Tokens per chunk of the vocabulary projection in the loss (0: whole-batch logits).
     c.loss_chunk = 0 if demo else 2048
+    # dtype the chunked loss's head matmul writes logits in (softmax in float32 either way;
+    # "bfloat16" saves memory traffic, as transformers' bf16 models do).
+    c.loss_logits_dtype = "float32"
     # Micro-batches per step (gradients accumulated); input.batch_size rows split into these.
     c.grad_accum_steps = 1 if demo else {0: 1, 1: 2, 2: 2, 3: 1}[stage]
 

@@ -49,7 +49,8 @@ def lm_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array
 
 
 def chunked_lm_loss(hidden: jax.Array, head: jax.Array, targets: jax.Array, weights: jax.Array,
-                    *, chunk_size: int, dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
+                    *, chunk_size: int, dtype=jnp.float32, logits_dtype=jnp.float32
+                    ) -> tuple[jax.Array, jax.Array]:
     """`lm_loss(hidden @ head, ...)` without ever holding logits for more than `chunk_size` tokens.
 
     Tokens are cut into chunks. For each chunk the forward pass computes the logits
@@ -68,7 +69,12 @@ def chunked_lm_loss(hidden: jax.Array, head: jax.Array, targets: jax.Array, weig
       targets: int32[B, T]; weights: float32[B, T] (`next_token_targets`), not differentiated.
       chunk_size: tokens per chunk (B * T is padded up to a multiple).
       dtype: matmul operand dtype (the model's compute dtype; d logits is cast to it, as in
-        a model that returns logits in that dtype); logits and softmax are float32.
+        a model that returns logits in that dtype).
+      logits_dtype: dtype the head matmul writes its logits in (it accumulates in float32
+        either way); the log-softmax and its gradient are computed in float32 from them.
+        float32 (default) is the most precise; bfloat16 halves the memory traffic of the
+        softmax passes and is what `transformers` models do in bf16 (logits in the weights'
+        dtype, upcast for the loss; MaxText's default `logits_dot_in_fp32=False` likewise).
 
     Returns:
       (sum of weighted -log p(target), sum of weights), float32 scalars, equal to `lm_loss` on
@@ -80,13 +86,15 @@ def chunked_lm_loss(hidden: jax.Array, head: jax.Array, targets: jax.Array, weig
     h = jnp.pad(hidden.reshape(n, d), ((0, pad), (0, 0))).reshape(-1, chunk_size, d)
     t = jnp.pad(targets.reshape(n), (0, pad)).reshape(-1, chunk_size)
     w = jnp.pad(weights.reshape(n).astype(jnp.float32), (0, pad)).reshape(-1, chunk_size)
-    total = _fused_head_nll(h, head, t, w, jnp.dtype(dtype))
+    total = _fused_head_nll(h, head, t, w, (jnp.dtype(dtype), jnp.dtype(logits_dtype)))
     return total, weights.sum().astype(jnp.float32)
 
 
-def _chunk_logits(h_c, head, dtype):
+def _chunk_logits(h_c, head, dtypes):
+    """float32 logits [c, V] of one chunk; the matmul writes them in dtypes[1]."""
+    dtype, logits_dtype = dtypes
     return jnp.einsum("TD,DV->TV", h_c.astype(dtype), head.astype(dtype),
-                      preferred_element_type=jnp.float32)
+                      preferred_element_type=logits_dtype).astype(jnp.float32)
 
 
 def _chunk_nll(logits, t_c, w_c):
@@ -96,25 +104,27 @@ def _chunk_nll(logits, t_c, w_c):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _fused_head_nll(h, head, t, w, dtype):
-    """Summed weighted NLL of chunked hidden h [C, c, D] through head [D, V] (loss only)."""
+def _fused_head_nll(h, head, t, w, dtypes):
+    """Summed weighted NLL of chunked hidden h [C, c, D] through head [D, V] (loss only);
+    dtypes = (matmul operand dtype, logits dtype)."""
 
     def body(total, xs):
         h_c, t_c, w_c = xs
-        nll, _ = _chunk_nll(_chunk_logits(h_c, head, dtype), t_c, w_c)
+        nll, _ = _chunk_nll(_chunk_logits(h_c, head, dtypes), t_c, w_c)
         return total + nll, None
 
     total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (h, t, w))
     return total
 
 
-def _fused_head_nll_fwd(h, head, t, w, dtype):
+def _fused_head_nll_fwd(h, head, t, w, dtypes):
     vocab = head.shape[1]
+    dtype = dtypes[0]
 
     def body(carry, xs):
         total, d_head = carry
         h_c, t_c, w_c = xs
-        logits = _chunk_logits(h_c, head, dtype)
+        logits = _chunk_logits(h_c, head, dtypes)
         nll, logz = _chunk_nll(logits, t_c, w_c)
         d_logits = jnp.exp(logits - logz[:, None])
         d_logits = (d_logits - jax.nn.one_hot(t_c, vocab, dtype=jnp.float32)) * w_c[:, None]
@@ -130,8 +140,8 @@ def _fused_head_nll_fwd(h, head, t, w, dtype):
     return total, (d_h, d_head.astype(head.dtype), w)
 
 
-def _fused_head_nll_bwd(dtype, res, g):
-    del dtype
+def _fused_head_nll_bwd(dtypes, res, g):
+    del dtypes
     d_h, d_head, w = res
     scale = lambda x: (g * x.astype(jnp.float32)).astype(x.dtype)  # noqa: E731
     return scale(d_h), scale(d_head), None, jnp.zeros_like(w)

@@ -138,7 +138,9 @@ class Trainer:
                                             rngs=rngs)
             nll, count = losses.chunked_lm_loss(hidden, head, targets, weights,
                                                 chunk_size=self.config.loss_chunk,
-                                                dtype=self.model_cfg.llm.compute_dtype)
+                                                dtype=self.model_cfg.llm.compute_dtype,
+                                                logits_dtype=self.config.get(
+                                                    "loss_logits_dtype", "float32"))
         else:
             def forward(module, b):
                 hidden, _ = module(b)

@@ -88,6 +88,34 @@ def test_chunked_lm_loss_matches_full_logits_and_grads():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_chunked_lm_loss_bf16_logits_equal_a_bf16_logits_model():
+    """logits_dtype=bfloat16 gives the loss and gradients of a model whose head writes bf16
+    logits that the loss upcasts (as transformers in bf16), and stays close to float32."""
+    keys = jax.random.split(jax.random.key(3), 4)
+    hidden = jax.random.normal(keys[0], (2, 11, 16))
+    head = jax.random.normal(keys[1], (16, 70)) * 0.5
+    targets = jax.random.randint(keys[2], (2, 11), 0, 70)
+    weights = (jax.random.uniform(keys[3], (2, 11)) > 0.2).astype(jnp.float32)
+
+    def full(h, w):
+        logits = jnp.einsum("BTD,DV->BTV", h, w, preferred_element_type=jnp.bfloat16)
+        return losses.lm_loss(logits.astype(jnp.float32), targets, weights)[0]
+
+    def chunked(h, w, dtype=jnp.bfloat16):
+        return losses.chunked_lm_loss(h, w, targets, weights, chunk_size=5,
+                                      logits_dtype=dtype)[0]
+
+    np.testing.assert_allclose(chunked(hidden, head), full(hidden, head), rtol=1e-6)
+    assert abs(chunked(hidden, head) - chunked(hidden, head, jnp.float32)) > 1e-6
+    np.testing.assert_allclose(chunked(hidden, head), chunked(hidden, head, jnp.float32),
+                               rtol=1e-2)
+    g_full = jax.grad(full, argnums=(0, 1))(hidden, head)
+    g_chunk = jax.grad(chunked, argnums=(0, 1))(hidden, head)
+    for a, b in zip(g_chunk, g_full):  # the reference's backward rounds d hidden to bf16
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        assert np.abs(a - b).max() <= 0.01 * np.abs(b).max()
+
+
 def test_chunked_lm_loss_cotangent_dtypes_and_bf16():
     keys = jax.random.split(jax.random.key(2), 4)
     hidden = jax.random.normal(keys[0], (1, 20, 16), jnp.bfloat16)

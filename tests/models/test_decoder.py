@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from longvid_jax.models import LAYERS, decoder
+from longvid_jax.models import LAYERS, decoder, lora
 
 B, T = 2, 12
 
@@ -155,6 +155,31 @@ def test_scan_layers_matches_unscanned(tiny):
     with pytest.raises(ValueError, match="scan_layers"):
         decoder.Decoder(scan_cfg).apply({"params": stacked}, jnp.zeros((B, T, 64)), positions,
                                         return_hidden_states=True)
+
+
+def test_fused_projections_match_separate_ones(tiny):
+    """q/k/v fused into one matmul: same parameters, same outputs and grads; skipped inside a
+    LoRA context and where the head axes are split over devices."""
+    cfg, params = tiny
+    tokens, positions = _inputs(cfg, seed=9)
+    separate = dataclasses.replace(cfg, fused_projections=False)
+    assert cfg.fused_projections
+    for got, want in zip(_run(cfg, params, tokens, positions),
+                         _run(separate, params, tokens, positions)):
+        np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
+    g_fused = jax.grad(functools.partial(_loss, cfg))(params, tokens, positions)
+    g_sep = jax.grad(functools.partial(_loss, separate))(params, tokens, positions)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4),
+                 g_fused, g_sep)
+
+    assert decoder._fusable("heads", "mlp")
+    with lora.lora_context(lora.make_config(rank=2, targets="q_proj")):
+        assert not decoder._fusable("heads")
+    mesh = jax.make_mesh((2, 2), ("data", "tensor"),
+                         axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    with jax.set_mesh(mesh), nn.logical_axis_rules((("heads", "tensor"), ("mlp", None))):
+        assert not decoder._fusable("heads", "kv_heads")
+        assert decoder._fusable("mlp")
 
 
 def test_remat_policies_give_identical_loss_and_grads():

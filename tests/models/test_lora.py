@@ -35,8 +35,10 @@ class _LM(nn.Module):
 
 
 def _lm(scan: bool) -> _LM:
+    # Unfused projections outside LoRA too (a LoRA context always runs them unfused), so the
+    # plain and adapted models do the same matmuls and can be compared bitwise.
     return _LM(decoder.make_config("tiny", vocab_size=64, scan_layers=scan,
-                                   attention_impl="xla"))
+                                   attention_impl="xla", fused_projections=False))
 
 
 def _tokens(seed=0):
