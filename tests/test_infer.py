@@ -16,6 +16,7 @@ import pytest
 from longvid_jax import checkpoints, infer
 from longvid_jax.input import decode
 from longvid_jax.models import video_llm
+from tests.helpers import tiny_checkpoint
 from tests.test_train import SAMPLES, record, small_config
 
 VIDEO = SAMPLES / "cockatoo.mp4"
@@ -27,22 +28,8 @@ def setup(tmp_path_factory):
     config = small_config(tmp, [record(VIDEO)], **{"input.batch_size": 1})
     model_cfg = video_llm.make_config(config.model)
     model = video_llm.VideoLLM(model_cfg)
-    abstract = infer.abstract_params(model_cfg, config.input)
-    rng = np.random.default_rng(3)
-
-    def fill(path, x):  # random weights without compiling an init (fast)
-        if x.ndim >= 2:
-            return jnp.asarray(rng.normal(size=x.shape) / np.sqrt(x.shape[0]), x.dtype)
-        if "scale" in jax.tree_util.keystr(path):
-            return jnp.asarray(1 + 0.1 * rng.normal(size=x.shape), x.dtype)
-        return jnp.asarray(0.1 * rng.normal(size=x.shape), x.dtype)
-
-    params = jax.tree_util.tree_map_with_path(fill, abstract)
     workdir = tmp / "run"
-    ckpt = checkpoints.Checkpointer(str(workdir / "checkpoints"))
-    ckpt.save(2, {"params": params, "opt_state": {"count": jnp.zeros((), jnp.int32)},
-                  "step": jnp.asarray(2, jnp.int32)}, {}, force=True)
-    ckpt.close()
+    params = tiny_checkpoint(config, workdir, step=2, seed=3)
     return config, workdir, params, model
 
 

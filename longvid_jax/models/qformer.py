@@ -454,6 +454,21 @@ def adaptive_pool_matrix(in_len: int, out_len: int) -> np.ndarray:
     return m
 
 
+def adaptive_pool_weights(lengths: Int[Array, " B"], in_len: int, out_len: int
+                          ) -> Float[Array, "B Q P"]:
+    """`adaptive_pool_matrix(lengths[b], out_len)` per row, zero-padded to `in_len` columns.
+
+    For inputs whose valid length varies per row (traced), e.g. frames whose token count
+    depends on the video's aspect ratio: float32[B, out_len, in_len]."""
+    lengths = jnp.asarray(lengths, jnp.int32)[:, None, None]
+    i = jnp.arange(out_len, dtype=jnp.int32)[None, :, None]
+    col = jnp.arange(in_len, dtype=jnp.int32)[None, None, :]
+    start = (i * lengths) // out_len
+    end = -(-((i + 1) * lengths) // out_len)
+    inside = (col >= start) & (col < end)
+    return jnp.where(inside, 1.0 / jnp.maximum(end - start, 1), 0.0).astype(jnp.float32)
+
+
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
     """`torch.nn.functional.normalize(x, dim=-1)`: x / max(||x||_2, eps), in float32."""
     x32 = x.astype(jnp.float32)
@@ -495,6 +510,7 @@ class TDCCompressor(nn.Module):
         text_mask: Bool[Array, "B T"] | None = None,
         segment_starts: Bool[Array, "B F"] | None = None,
         max_tokens: int | None = None,
+        frame_token_counts: Int[Array, " B"] | None = None,
     ) -> tuple[Float[Array, "B N D"], Bool[Array, "B N"], dict[str, jax.Array]]:
         """Compresses the frames of each video into its TDC token sequence.
 
@@ -512,6 +528,12 @@ class TDCCompressor(nn.Module):
           max_tokens: N, static size of the output; default `num_video_tokens(F, P, A)`, which
             is exact without segments. With segments pass `max_video_tokens(...)`; tokens past
             N are dropped (`aux['num_tokens']` still counts them).
+          frame_token_counts: int32[B], valid visual tokens per frame of each video, a prefix
+            of the P slots (TDC's unpadded grid with `image_newline`s, whose size depends on
+            the video's aspect ratio: `sva.num_frame_tokens`). Static frames then give
+            count + A + 1 tokens, the query pooling averages the valid tokens only
+            (`adaptive_avg_pool1d` over that length) and the Q-Former attends to the valid
+            visual tokens and the audio. None = all P valid.
 
         Returns:
           (tokens float[B, N, D] in `config.dtype`, token_mask bool[B, N], aux) with aux:
@@ -551,7 +573,16 @@ class TDCCompressor(nn.Module):
                 jnp.zeros((1, cfg.audio_width), dtype))
         s = kv.shape[2]  # P (+ A) tokens per frame
 
-        pool = jnp.asarray(adaptive_pool_matrix(p, k))
+        if frame_token_counts is None:
+            pool = jnp.asarray(adaptive_pool_matrix(p, k))
+            kv_mask = None
+            counts = jnp.full((b,), p, jnp.int32)
+        else:
+            counts = jnp.asarray(frame_token_counts, jnp.int32).reshape(b)
+            pool = adaptive_pool_weights(counts, p, k)  # [B, K, P]
+            kv_mask = jnp.concatenate([jnp.arange(p)[None] < counts[:, None],
+                                       jnp.ones((b, s - p), bool)], axis=1)  # [B, S]
+        pool_eq = "BFPD,QP->BFQD" if pool.ndim == 2 else "BFPD,BQP->BFQD"
         frame_idx = np.arange(f)
         if segment_starts is None:
             # Static layout: chunks start at multiples of c; only non-static frames are queried.
@@ -560,7 +591,7 @@ class TDCCompressor(nn.Module):
             comp_index = np.maximum(np.cumsum(~static_np) - 1, 0)
             is_static = jnp.broadcast_to(jnp.asarray(static_np), (b, f))
             comp_of = jnp.broadcast_to(jnp.asarray(comp_index, jnp.int32), (b, f))
-            pooled = jnp.einsum("BFPD,QP->BFQD", x[:, ::c].astype(jnp.float32), pool)
+            pooled = jnp.einsum(pool_eq, x[:, ::c].astype(jnp.float32), pool)
             pooled = pooled[:, comp_frames // c]
             kv_comp = kv[:, comp_frames]
             aux["compressed_frames"] = jnp.asarray(comp_frames, jnp.int32)
@@ -571,7 +602,7 @@ class TDCCompressor(nn.Module):
             is_static = (fi - seg_start) % c == 0
             static_of = jax.lax.cummax(jnp.where(is_static, fi, 0), axis=1)
             comp_of = jnp.broadcast_to(fi, (b, f))
-            pooled = jnp.einsum("BFPD,QP->BFQD", x.astype(jnp.float32), pool)
+            pooled = jnp.einsum(pool_eq, x.astype(jnp.float32), pool)
             pooled = jnp.take_along_axis(pooled, static_of[:, :, None, None], axis=1)
             kv_comp = kv
             aux["compressed_frames"] = comp_of
@@ -585,8 +616,10 @@ class TDCCompressor(nn.Module):
             t_ids = jnp.broadcast_to(text_ids[:, None], (b, fc, t)).reshape(b * fc, t)
             if text_mask is not None:
                 t_mask = jnp.broadcast_to(text_mask[:, None], (b, fc, t)).reshape(b * fc, t)
+        if kv_mask is not None:
+            kv_mask = jnp.broadcast_to(kv_mask[:, None], (b, fc, s)).reshape(b * fc, s)
         h, _ = QFormer(qcfg, name="qformer")(
-            kv_comp.reshape(b * fc, s, d),
+            kv_comp.reshape(b * fc, s, d), encoder_mask=kv_mask,
             query_embeds=(query_embeds.reshape(b * fc, k, qcfg.width)
                           if cfg.query_type == "avg_pool" else None),
             text_ids=t_ids, text_mask=t_mask)
@@ -601,7 +634,8 @@ class TDCCompressor(nn.Module):
         # output slot n is gathered from the frame whose slot range contains it.
         a_tok = s - p
         n_out = (num_video_tokens(f, p, a_tok, cfg) if max_tokens is None else max_tokens)
-        lens = jnp.where(frame_mask, jnp.where(is_static, s + 1, k + 1), 0).astype(jnp.int32)
+        s_valid = (counts + a_tok)[:, None]  # [B, 1] valid static tokens (visual + audio)
+        lens = jnp.where(frame_mask, jnp.where(is_static, s_valid + 1, k + 1), 0).astype(jnp.int32)
         ends = jnp.cumsum(lens, axis=1)
         total = ends[:, -1]
         n = jnp.arange(n_out, dtype=jnp.int32)
@@ -609,8 +643,9 @@ class TDCCompressor(nn.Module):
         owner = jnp.minimum(owner, f - 1).astype(jnp.int32)  # [B, N]
         j = n[None] - jnp.take_along_axis(ends - lens, owner, axis=1)
         st = jnp.take_along_axis(is_static, owner, axis=1)
-        is_sep = jnp.where(st, j == s, j == k)
-        src = owner * s + jnp.clip(j, 0, s - 1)
+        is_sep = jnp.where(st, j == s_valid, j == k)
+        slot = jnp.where(j < counts[:, None], j, p + (j - counts[:, None]))  # skip invalid slots
+        src = owner * s + jnp.clip(slot, 0, s - 1)
         g_static = jnp.take_along_axis(kv.reshape(b, f * s, d), src[..., None], axis=1)
         if fc > 0:
             src = jnp.take_along_axis(comp_of, owner, axis=1) * k + jnp.clip(j, 0, k - 1)

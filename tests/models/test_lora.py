@@ -16,22 +16,13 @@ import pytest
 from longvid_jax import optim, train
 from longvid_jax.models import decoder, lora, video_llm
 from longvid_jax.models.layers import Einsum, EinsumWeights
+from tests.helpers import ScopedLM
 
 B, T = 2, 6
 LLM_TARGETS = "llm/.*/(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
-class _LM(nn.Module):
-    """A tiny decoder LM under the scope name `llm` (as in the composite)."""
-
-    cfg: decoder.DecoderConfig
-
-    @nn.compact
-    def __call__(self, tokens):
-        m = decoder.Decoder(self.cfg, name="llm")
-        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        hidden, _ = m(m.embed(tokens), positions)
-        return m.logits(hidden)
+_LM = ScopedLM
 
 
 def _lm(scan: bool) -> _LM:

@@ -207,6 +207,42 @@ def test_tdc_segments_match_per_segment_chunks(tdc, reference):
         np.testing.assert_array_equal(np.asarray(aux["is_static"][b, :nv]), static[:nv])
 
 
+@pytest.mark.parametrize("segments", [False, True])
+def test_tdc_frame_token_counts_match_truncated_frames(tdc, reference, segments):
+    """Videos whose frames have fewer valid tokens (TDC's aspect-dependent unpadded grids)
+    compress exactly like the same frames cut to their valid tokens, row by row."""
+    cfg, params, io = tdc
+    f, valid, counts = 12, (12, 9), (P - 3, 5)
+    frames, audio, ids, text_mask = _inputs(io, f, seed=2)
+    frames[0, :, counts[0]:] = 7.0  # garbage in the invalid slots must not leak
+    frames[1, :, counts[1]:] = -7.0
+    frame_mask = np.arange(f)[None] < np.array(valid)[:, None]
+    starts = [(0, 5), (0, 2)] if segments else [(0,), (0,)]
+    segment_starts = np.zeros((2, f), bool)
+    for b, st in enumerate(starts):
+        segment_starts[b, list(st)] = True
+    n_max = qformer.max_video_tokens(f, P, A, cfg, max_segments=2)
+    model = qformer.TDCCompressor(cfg)
+    tokens, mask, aux = jax.jit(lambda p: model.apply(
+        {"params": p}, frames, frame_mask, audio_tokens=audio, text_ids=ids,
+        text_mask=text_mask, segment_starts=segment_starts if segments else None,
+        max_tokens=n_max, frame_token_counts=np.array(counts, np.int32)))(params)
+    for b, nv in enumerate(valid):
+        bounds = [*starts[b], nv]
+        chunks = [(s, min(s + cfg.chunk_size, e)) for s0, e in zip(bounds, bounds[1:])
+                  for s in range(s0, e, cfg.chunk_size)]
+        count = qformer.num_video_tokens(nv, counts[b], A, cfg,
+                                         segment_lengths=np.diff(bounds).tolist())
+        assert int(mask[b].sum()) == count == int(aux["num_tokens"][b])
+        t = int(text_mask[b].sum())
+        want = reference.video(frames[b, :, :counts[b]], audio[b], ids[b, :t], chunks)
+        assert want.shape == (count, 48)
+        assert _err(tokens[b, :count], want) <= TOL
+    np.testing.assert_allclose(  # the dynamic pool weights are torch's at every length
+        qformer.adaptive_pool_weights(np.array([P, 5]), P, 4)[1, :, :5],
+        qformer.adaptive_pool_matrix(5, 4), rtol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------
 # QFormer behaviour
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,292 @@
+"""TDC as released: SigLIP + DINOv2 towers, the SVA connector, the temporal compressor, the LLM.
+
+Follows Hoar012/TDC-Video @ fb8333e, `tdc/cambrian_arch.py` (`encode_images`,
+`prepare_inputs_labels_for_multimodal`, `adapt_segment`) and `tdc/vision_sampler.py`; the facts
+are in `shared/reference/ORIGINALS.md` section 1. Per video of F frames (sampled at 1 fps):
+
+  frames --expand2square--> SigLIP-so400m (384 px, all 27 layers, 27x27 tokens)
+                          + DINOv2-giant  (378 px, class token dropped, 27x27 tokens)
+         --bilinear to 24x24 each--> SVA connector (144 queries, 3 layers, mm_projector)
+         --unpad_image + image_newline per row--> rows * (cols + 1) tokens per frame
+            (156 for a square frame; with the original's (H, W) swap a 16:9 frame keeps 12 x 6)
+  DINOv2 features --consecutive cosine similarity--> scene segments (`scene_split`, host)
+  --TDC compressor: per chunk of 8 frames a static frame (all its tokens + its audio tokens),
+    the others 16 Q-Former tokens each, `frame_seg` after every frame--> video tokens
+  spliced at the `<image>` placeholder of the prompt --> the LLM.
+
+The scene split runs on the host between `encode_frames` and `compress` (its segmentation sets
+the token layout, which the prompt must know): `longvid_jax.models.scene_split.scene_layout`.
+Parameter tree: `siglip`, `dinov2`, `connector`, `compressor`, `llm` (and `beats` with audio),
+the names `convert/tdc_keys.py` imports the release into.
+
+Letters: B videos, F frames, G final grid side, D LLM width, E_i tower widths.
+"""
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+from longvid_jax.models import beats as beats_lib
+from longvid_jax.models import connectors, decoder, dinov2, qformer, sva, vit
+
+TOWER_GRID = 24  # both towers' grids are interpolated to 24 x 24 before the connector
+
+
+@dataclasses.dataclass(frozen=True)
+class TDCConfig:
+    """The parts of a TDC model.
+
+    Attributes:
+      siglip: SigLIP tower (`vit.ViTConfig`; TDC uses the last layer's output before the
+        post-LN).
+      dinov2: DINOv2 tower (`dinov2.Dinov2Config`, class token dropped).
+      connector: `sva.SVAConfig`; its `tower_grids` are the interpolated grids and its
+        `swap_image_size_hw` the original's (H, W) quirk (True for the released weights).
+      compressor: `qformer.TDCCompressorConfig` (`audio_width` 0 without audio).
+      llm: `decoder.DecoderConfig`.
+      beats: `beats.BEATsConfig` of the audio tower, or None without audio.
+      tower_grid: side both towers' token grids are resized to (bilinear, as the original's
+        `F.interpolate`).
+    """
+
+    siglip: vit.ViTConfig
+    dinov2: dinov2.Dinov2Config
+    connector: sva.SVAConfig
+    compressor: qformer.TDCCompressorConfig
+    llm: decoder.DecoderConfig
+    beats: beats_lib.BEATsConfig | None = None
+    tower_grid: int = TOWER_GRID
+
+    def __post_init__(self):
+        widths = (self.siglip.width, self.dinov2.width)
+        if tuple(self.connector.tower_widths) != widths:
+            raise ValueError(f"connector.tower_widths {self.connector.tower_widths} != the "
+                             f"towers' widths {widths}")
+        if tuple(self.connector.tower_grids) != (self.tower_grid,) * 2:
+            raise ValueError(f"connector.tower_grids {self.connector.tower_grids} != "
+                             f"({self.tower_grid}, {self.tower_grid})")
+        if self.dinov2.keep_cls:
+            raise ValueError("TDC drops DINOv2's class token: dinov2.keep_cls must be False")
+        for name, width in (("connector.llm_width", self.connector.llm_width),
+                            ("compressor.llm_width", self.compressor.llm_width)):
+            if width != self.llm.hidden_size:
+                raise ValueError(f"{name} {width} != llm.hidden_size {self.llm.hidden_size}")
+        if (self.beats is None) != (self.compressor.audio_width == 0):
+            raise ValueError("give a beats config exactly when compressor.audio_width > 0")
+        if self.beats is not None and self.beats.width != self.compressor.audio_width:
+            raise ValueError(f"compressor.audio_width {self.compressor.audio_width} != "
+                             f"beats.width {self.beats.width}")
+
+    @property
+    def final_grid(self) -> int:
+        """G, side of the connector's output grid."""
+        return self.connector.final_grid or self.connector.query_grid
+
+    @property
+    def frame_slots(self) -> int:
+        """G * (G + 1): token slots per frame after `image_newline` (valid ones are a prefix)."""
+        return self.final_grid * (self.final_grid + 1)
+
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    # Released TDC-Qwen2-7B (audio on) and TDC-Llama3.2-3B.
+    # (DINOv2 keeps its 518-px position table and is run at 378 px, interpolating it.)
+    "qwen2_7b": dict(siglip=dict(variant="so400m_14_384"), dinov2=dict(variant="giant_14"),
+                     connector=dict(variant="tdc_qwen2_7b"),
+                     compressor=dict(variant="qwen2_7b"), llm=dict(variant="qwen2_7b"),
+                     beats=dict(variant="iter3_as2m")),
+    "llama3_2_3b": dict(siglip=dict(variant="so400m_14_384"), dinov2=dict(variant="giant_14"),
+                        connector=dict(variant="tdc_llama3_2_3b"),
+                        compressor=dict(variant="llama3_2_3b"), llm=dict(variant="llama3_2_3b"),
+                        beats=dict(variant="iter3_as2m")),
+    # Tests: 32 px towers (4 x 4 tokens) resized to 6 x 6, a 3 x 3 query grid, tiny LLM.
+    "tiny": dict(siglip=dict(variant="tiny", width=24),
+                 dinov2=dict(variant="tiny", width=40, keep_cls=False),
+                 connector=dict(variant="tiny", llm_width=64),
+                 compressor=dict(llm_width=64, num_tokens=4, audio_width=32,
+                                 qformer=dict(variant="tiny")),
+                 llm=dict(variant="tiny"), beats=dict(variant="tiny"), tower_grid=6),
+}
+
+
+def make_config(variant: str | None = None, **overrides: Any) -> TDCConfig:
+    """Builds a `TDCConfig` from a named variant; each part may be overridden by a dict of its
+    fields (merged into the variant's) or a ready config. `dtype` / `param_dtype` given here
+    apply to every part.
+
+    Raises:
+      ValueError: unknown variant or field, or parts whose sizes do not fit together.
+    """
+    if variant is not None and variant not in VARIANTS:
+        raise ValueError(f"unknown TDC variant {variant!r}; known: {sorted(VARIANTS)}")
+    base = dict(VARIANTS[variant]) if variant else {}
+    common = {k: overrides.pop(k) for k in ("dtype", "param_dtype") if k in overrides}
+    fields = {f.name for f in dataclasses.fields(TDCConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"unknown TDCConfig fields {unknown}; known: {sorted(fields)}")
+    builders = {"siglip": lambda d: vit.make_config(**d),
+                "dinov2": lambda d: dinov2.make_config(**d),
+                "connector": lambda d: sva.make_config(**d),
+                "compressor": lambda d: qformer.make_tdc_config(**d),
+                "llm": lambda d: decoder.make_config(d.pop("variant", None), **d),
+                "beats": lambda d: beats_lib.make_config(**d)}
+    kw: dict[str, Any] = {}
+    for name in fields:
+        value = overrides.get(name, base.get(name))
+        if name in builders and isinstance(value, Mapping):
+            part = dict(base.get(name) or {})
+            if name in overrides:
+                part.update(value)
+            value = builders[name]({**part, **common})
+        if value is not None:
+            kw[name] = value
+    missing = sorted({"siglip", "dinov2", "connector", "compressor", "llm"} - set(kw))
+    if missing:
+        raise ValueError(f"TDCConfig parts {missing} not given (variant={variant!r})")
+    return TDCConfig(**kw)
+
+
+class TDCModel(nn.Module):
+    """TDC (`CambrianQwenForCausalLM` / `CambrianLlamaForCausalLM` with the TDC compressor).
+
+    Public methods (each under `apply(..., method=...)`): `encode_frames` (towers + connector,
+    per frame), `compress` (scene-split frames -> video tokens), `__call__` (prompt with
+    spliced video tokens -> final hidden states), `logits`.
+    """
+
+    config: TDCConfig
+
+    def setup(self):
+        c = self.config
+        self.siglip = vit.ViT(c.siglip)
+        self.dinov2 = dinov2.Dinov2(c.dinov2)
+        self.connector = sva.SVAConnector(c.connector)
+        self.compressor = qformer.TDCCompressor(c.compressor)
+        self.llm = decoder.Decoder(c.llm)
+        if c.beats is not None:
+            self.beats = beats_lib.BEATs(c.beats)
+
+    def _tower_tokens(self, tokens: jax.Array) -> jax.Array:
+        """[N, g*g, E] square-grid tokens -> [N, tower_grid^2, E] (bilinear, as `interpolate`)."""
+        g = int(round(tokens.shape[1] ** 0.5))
+        if g * g != tokens.shape[1]:
+            raise ValueError(f"tower tokens {tokens.shape[1]} do not form a square grid")
+        t = self.config.tower_grid
+        if g == t:
+            return tokens
+        return connectors.pool_tokens_2d(tokens, (g, g), (t, t), "bilinear")
+
+    def encode_frames(self, siglip_pixels: Float[Array, "N S1 S1 3"],
+                      dino_pixels: Float[Array, "N S2 S2 3"],
+                      image_sizes: Int[Array, "N 2"] | None = None,
+                      ) -> tuple[Float[Array, "N G1 D"], Int[Array, " N"], dict[str, jax.Array]]:
+        """Per-frame LLM tokens of N frames (`encode_images` + SVA + unpad + `image_newline`).
+
+        Args:
+          siglip_pixels: float[N, S1, S1, 3] square frames normalised for SigLIP (384 px).
+          dino_pixels: float[N, S2, S2, 3] the same frames normalised for DINOv2 (378 px).
+          image_sizes: int32[N, 2] the frames' (height, width) in pixels before
+            `expand2square`, as TDC stores them (read per `connector.swap_image_size_hw`);
+            None = square frames.
+
+        Returns:
+          (tokens [N, G * (G + 1), D] in the LLM dtype, valid prefix per frame then zeros;
+           counts int32[N], rows * (cols + 1) valid tokens per frame; aux with
+           `dino_features` [N, tower_grid^2, E_dino] (the scene split's input) and
+           `siglip_features` [N, tower_grid^2, E_siglip]).
+        """
+        _, s_aux = self.siglip(siglip_pixels)
+        siglip_feats = self._tower_tokens(s_aux["encoder_output"])  # pre post-LN, all layers
+        dino_tokens, _ = self.dinov2(dino_pixels)
+        dino_feats = self._tower_tokens(dino_tokens)
+        tokens, grid, c_aux = self.connector([siglip_feats, dino_feats], image_sizes)
+        out, mask = sva.newline_layout(tokens, grid, c_aux["image_newline"])
+        counts = jnp.sum(mask, axis=1).astype(jnp.int32)
+        return out, counts, {"dino_features": dino_feats, "siglip_features": siglip_feats}
+
+    def compress(self, frame_tokens: Float[Array, "B F G1 D"], frame_counts: Int[Array, " B"],
+                 frame_mask: Bool[Array, "B F"], *,
+                 segment_starts: Bool[Array, "B F"] | None = None,
+                 audio_tokens: Float[Array, "B F A Ea"] | None = None,
+                 text_ids: Int[Array, "B T"] | None = None,
+                 text_mask: Bool[Array, "B T"] | None = None,
+                 max_tokens: int | None = None,
+                 ) -> tuple[Float[Array, "B N D"], Bool[Array, "B N"], dict[str, jax.Array]]:
+        """Video tokens of B videos (`TDCCompressor` with each video's frame token count).
+
+        Args:
+          frame_tokens, frame_counts: `encode_frames` outputs regrouped per video (every frame
+            of a video has the same count).
+          frame_mask: bool[B, F] valid frames (a prefix).
+          segment_starts: bool[B, F] from the host scene split (`scene_split.scene_layout`:
+            True at `split_points[:-1]`), or None for one segment.
+          audio_tokens: float[B, F, A, Ea] BEATs tokens per frame, or None.
+          text_ids, text_mask: the instruction in BERT ids for the Q-Former.
+          max_tokens: static output size (see `TDCCompressor`).
+
+        Returns:
+          (tokens [B, N, D], valid mask [B, N] (a prefix), aux of the compressor).
+        """
+        return self.compressor(frame_tokens, frame_mask, audio_tokens=audio_tokens,
+                               text_ids=text_ids, text_mask=text_mask,
+                               segment_starts=segment_starts, max_tokens=max_tokens,
+                               frame_token_counts=frame_counts)
+
+    def __call__(self, input_ids: Int[Array, "B T"], positions: Int[Array, "B T"],
+                 segment_ids: Int[Array, "B T"] | None, video_tokens: Float[Array, "B N D"],
+                 ) -> tuple[Float[Array, "B T D"], dict]:
+        """Final LLM hidden states of prompts whose `VIDEO_TOKEN_INDEX` placeholders (as many
+        per row as the row's valid video tokens) receive `video_tokens` in order."""
+        from longvid_jax.models.video_llm import VIDEO_TOKEN_INDEX, splice_video_tokens
+
+        text = self.llm.embed(jnp.where(input_ids == VIDEO_TOKEN_INDEX, 0, input_ids))
+        embeds = splice_video_tokens(text, input_ids, video_tokens)
+        return self.llm(embeds, positions, segment_ids)
+
+    def logits(self, hidden: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
+        """float32 next-token logits."""
+        return self.llm.logits(hidden)
+
+    def encode_audio(self, fbank: Float[Array, "W A C"]) -> Float[Array, "W P Ea"]:
+        """BEATs tokens of audio windows (TDC: 10 s windows of `input.fbank.beats_fbank`, about
+        50 tokens per second); raises ValueError on a model without audio.
+
+        Assigning them to frames (TDC pools each second's tokens to 50 and attaches them to
+        that second's frame) is the caller's step."""
+        if self.config.beats is None:
+            raise ValueError("this TDC config has no audio tower (beats=None)")
+        tokens, _ = self.beats(fbank)
+        return tokens
+
+
+def init_params(model: TDCModel, rng: jax.Array, *, frames: int = 2, text_len: int = 8,
+                audio_frames: int = 160) -> dict[str, Any]:
+    """Parameters of every part of `model` (each public method traced once on small dummy
+    inputs): the tree `siglip`, `dinov2`, `connector`, `compressor`, `llm` (+ `beats`).
+
+    Use under `jax.eval_shape` for shapes only, or `jax.jit` for random weights."""
+    c = model.config
+    s1, s2 = c.siglip.image_size, c.dinov2.patch_size * c.siglip.grid
+    d = c.llm.hidden_size
+
+    def run(m):
+        tokens, counts, _ = m.encode_frames(jnp.zeros((frames, s1, s1, 3)),
+                                            jnp.zeros((frames, s2, s2, 3)))
+        audio = None
+        if c.beats is not None:
+            a = m.encode_audio(jnp.zeros((frames, audio_frames, c.beats.num_mel_bins)))
+            audio = a[:, None].reshape(1, frames, a.shape[1], a.shape[2])
+        ids = jnp.ones((1, text_len), jnp.int32) if c.compressor.text_input else None
+        m.compress(tokens[None], counts[:1], jnp.ones((1, frames), bool), audio_tokens=audio,
+                   text_ids=ids)
+        pos = jnp.arange(4, dtype=jnp.int32)[None]
+        hidden, _ = m(jnp.ones((1, 4), jnp.int32), pos, None, jnp.zeros((1, 1, d)))
+        return m.logits(hidden)
+
+    return nn.unbox(model.init(rng, method=run))["params"]
