@@ -397,7 +397,8 @@ def open_state(src: str, **kwargs: Any) -> StateReader:
 # Orbax trees.
 
 
-def _nest(flat: Mapping[tuple[str, ...], Any]) -> dict:
+def nest_tree(flat: Mapping[tuple[str, ...], Any]) -> dict:
+    """Nested dicts from {path tuple: leaf} (the inverse of `flatten_tree`)."""
     tree: dict = {}
     for path, value in flat.items():
         node = tree
@@ -514,7 +515,7 @@ class OrbaxTreeWriter:
         """Writes the buffered leaves (partial save) and frees them."""
         if not self._buffer or self._partial is None:
             return
-        tree, nbytes = _nest(self._buffer), self._buffered
+        tree, nbytes = nest_tree(self._buffer), self._buffered
         self._buffer, self._buffered = {}, 0
         with self._context():
             self._partial.save(self.directory, tree)
@@ -531,7 +532,7 @@ class OrbaxTreeWriter:
             import orbax.checkpoint as ocp  # noqa: PLC0415
 
             ocp.PyTreeCheckpointer().save(os.path.join(self.directory, _STATE_DIR),
-                                          _nest(self._buffer))
+                                          nest_tree(self._buffer))
             self._buffer = {}
             self.num_groups = 1
             return
@@ -600,8 +601,8 @@ def load_tree(directory: str, paths: list[tuple[str, ...]] | None = None) -> dic
     missing = [p for p in wanted if p not in meta]
     if missing:
         raise CheckpointFormatError(f"{directory}: no leaf {'/'.join(missing[0])}")
-    item = _nest({p: np.zeros((0,), np.int8) for p in wanted})
-    restore_args = _nest({p: ocp.RestoreArgs(restore_type=np.ndarray) for p in wanted})
+    item = nest_tree({p: np.zeros((0,), np.int8) for p in wanted})
+    restore_args = nest_tree({p: ocp.RestoreArgs(restore_type=np.ndarray) for p in wanted})
     out = ocp.PyTreeCheckpointer().restore(
         pytree, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
                                             partial_restore=paths is not None))

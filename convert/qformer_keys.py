@@ -67,7 +67,9 @@ class Rule:
 
 
 @functools.lru_cache(maxsize=None)
-def _compile(template: str) -> re.Pattern:
+def compile_template(template: str) -> re.Pattern:
+    """Regex (cached) of a `Rule` template: `{i}` a layer index, `{p}` query|key|value,
+    `{any}` anything; the rest literal. Named groups carry the holes."""
     out, pos = [], 0
     for m in re.finditer(r"\{(\w+)\}", template):
         out.append(re.escape(template[pos:m.start()]))
@@ -245,7 +247,7 @@ def _to_numpy(x) -> np.ndarray:
 def _match(rules: list[Rule], key: str) -> tuple[Rule, dict[str, str]] | None:
     hits = []
     for r in rules:
-        m = _compile(r.source).fullmatch(key)
+        m = compile_template(r.source).fullmatch(key)
         if m:
             hits.append((r, m.groupdict()))
     if len(hits) > 1:
@@ -320,7 +322,8 @@ def export_params(params: Mapping[str, Any], rules: list[Rule],
         y = np.asarray(jax.device_get(value))
         if tuple(y.shape) != tuple(expected[path].shape):
             raise ValueError(f"param {path!r}: shape {y.shape}, expected {expected[path].shape}")
-        hits = [(r, m.groupdict()) for r in targets if (m := _compile(r.target).fullmatch(path))]
+        hits = [(r, m.groupdict()) for r in targets
+                if (m := compile_template(r.target).fullmatch(path))]
         if len(hits) != 1:
             raise ValueError(f"param {path!r} matches {len(hits)} rules")
         rule, groups = hits[0]
