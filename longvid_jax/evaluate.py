@@ -4,6 +4,22 @@
         --predictions=results/tvg.json --ground_truth=data/charades/test.caption_coco_format.json \\
         [--compat=corrected|original] [--output=scores.json] [--plot=plots/ --max_plots=50]
 
+Or runs a trained checkpoint on a benchmark first (model-running mode, `--data` given):
+
+    python -m longvid_jax.evaluate --config=configs/tdc.py:stage=2,size=full,llm=qwen2_7b \\
+        --checkpoint=/ckpt/tdc_stage2 --benchmark=mlvu|music_avqa|videomme --data=/data/MLVU \\
+        [--limit=N] [--output=scores.json] [--predictions_out=predictions.json] [--compat=...]
+
+It loads the model once (`infer.Predictor`), reads the benchmark's release layout
+(`longvid_jax.eval_data`: prompts, answers and generation lengths as the originals), answers every
+item greedily with a progress bar, writes the predictions in the format the scoring mode reads
+(`--predictions_out`, default `<output stem>.predictions.json` or
+`<benchmark>.predictions.json`), scores them with `score(...)` and writes the scores JSON with a
+`per_task` breakdown `{task: {"accuracy", "n"}}` and a `run` record (checkpoint, data, items,
+seconds). `--limit=N` answers N items taken in turn from each task. Music-AVQA is scored by
+normalised exact match (`metrics/open_ended.py`): TDC's eval_musicQA.py only saves predictions,
+and exact accuracy per question type is how Music-AVQA itself scores answers.
+
 Benchmarks, the files each reads and their headline scores are in `longvid_jax.metrics.BENCHMARKS`
 (`python -m longvid_jax.evaluate --help` lists the names). Extra inputs: `--annotations`
 (TimeChat VHD: the coco-format file with the video durations), `--judge_scores` (MMDuet MAGQA:
@@ -20,21 +36,26 @@ json module writes it) and prints a table of the headline scores. `--plot=DIR` d
 video/query (up to `--max_plots`): predicted vs ground-truth segments on a time axis in seconds.
 
 The scoring step is the function `score(...)`, so a run that first produces predictions can call
-it afterwards; importing this module only defines its flags.
+it afterwards; the model-running step is `run_benchmark(...)`. Importing this module only defines
+its scoring flags; the model-running flags are defined when it runs as a program (the trainer
+defines its own `--config`, and both modules may be imported in one process).
 """
 
 import inspect
+import io
 import json
 import math
 import pathlib
 import re
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from absl import app, flags, logging
+from tqdm import tqdm
 
-from longvid_jax import metrics
+from longvid_jax import eval_data, metrics
 from longvid_jax.metrics import captioning
 from longvid_jax.metrics.common import COMPAT_MODES, InputFileError, check_compat
 
@@ -401,6 +422,205 @@ def write_plots(
 
 
 # ----------------------------------------------------------------------------------------------
+# Model-running mode
+# ----------------------------------------------------------------------------------------------
+
+# Benchmarks with a model-running loader (longvid_jax.eval_data).
+RUNNABLE_BENCHMARKS = ("mlvu", "music_avqa", "videomme")
+_MLVU_STOP_STR = "<|im_end|>"  # TDC conv_qwen.sep
+
+
+def _music_avqa_pred(decoded: str) -> str:
+    """TDC eval_musicQA.py's post-processing of the decoded answer."""
+    pred = decoded.strip()
+    if pred.endswith(_MLVU_STOP_STR):
+        pred = pred[: -len(_MLVU_STOP_STR)].strip()
+    return pred.replace("Answer", "")
+
+
+def build_predictions(benchmark: str, items: Sequence[Any], answers: Sequence[str]) -> Any:
+    """The predictions file content the scoring mode reads, from items and decoded answers.
+
+    Args:
+        benchmark: "mlvu", "music_avqa" or "videomme".
+        items: `eval_data.EvalItem`s.
+        answers: the decoded model text per item ("" where the video could not be read).
+
+    Returns:
+        mlvu: `[{task_type, video_name, decoded, question, prompt, answer, video}]` (TDC's
+        outputs with the raw text); music_avqa: TDC eval_musicQA.py's records `[{idx, prompt,
+        pred, correct_answer, type, video_name, decoded}]`; videomme: eval_your_results.py's
+        results `[{video_id, duration_category, video_category, video_subcategory, url, videoID,
+        questions: [{question_id, task_type, question, options, answer, response}]}]`.
+
+    Raises:
+        ValueError: an unknown benchmark or lengths that differ.
+    """
+    if len(items) != len(answers):
+        raise ValueError(f"{len(items)} items but {len(answers)} answers")
+    if benchmark == "mlvu":
+        return [{"task_type": it.task, "video_name": it.record["video"], "decoded": a,
+                 "question": it.record["question"], "prompt": it.prompt, "answer": it.answer,
+                 "video": it.video} for it, a in zip(items, answers)]
+    if benchmark == "music_avqa":
+        return [{"idx": it.record["question_id"], "prompt": it.prompt, "pred": _music_avqa_pred(a),
+                 "correct_answer": it.answer, "type": it.record["type"],
+                 "video_name": f"{it.record['video_id']}.mp4", "decoded": a}
+                for it, a in zip(items, answers)]
+    if benchmark == "videomme":
+        videos: dict[str, dict[str, Any]] = {}
+        for it, a in zip(items, answers):
+            r = it.record
+            key = str(r.get("video_id", r["videoID"]))
+            video = videos.setdefault(key, {
+                "video_id": key, "duration_category": r["duration"], "video_category": r["domain"],
+                "video_subcategory": r["sub_category"], "url": r.get("url"),
+                "videoID": r["videoID"], "questions": []})
+            video["questions"].append({
+                "question_id": r["question_id"], "task_type": r["task_type"],
+                "question": r["question"], "options": list(r["options"]), "answer": r["answer"],
+                "response": a})
+        return list(videos.values())
+    raise ValueError(f"no model-running mode for benchmark {benchmark!r}; known: "
+                     f"{', '.join(RUNNABLE_BENCHMARKS)}")
+
+
+def per_task_scores(benchmark: str, result: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """`{task: {"accuracy": x100, "n": items}}` from a `score` result, tasks in score order.
+
+    Tasks: MLVU tasks; Video-MME task types; Music-AVQA "<modality>/<type>".
+    """
+    counts: dict[str, int] = {}
+    for item in result["per_item"].values():
+        task = item.get("task_type") if benchmark != "music_avqa" else item.get("type")
+        counts[task] = counts.get(task, 0) + (item.get("n_evaluations", 1) or 0)
+    scores = result["scores"]
+    key = {"mlvu": "{}", "videomme": "task/{}", "music_avqa": "{}"}[benchmark]
+    ordered = [k for k in scores if k in counts] if benchmark == "mlvu" else []
+    ordered += [t for t in counts if t not in ordered]
+    return {t: {"accuracy": scores.get(key.format(t)), "n": counts[t]} for t in ordered}
+
+
+def run_benchmark(
+    config: Any,
+    checkpoint: str | None,
+    benchmark: str,
+    data_dir: str | pathlib.Path,
+    *,
+    limit: int | None = None,
+    output: str | pathlib.Path | None = None,
+    predictions_out: str | pathlib.Path | None = None,
+    compat: str = "corrected",
+    params: Any = None,
+    predictor: Any = None,
+    check_videos: bool = True,
+    log: Any = None,
+) -> dict[str, Any]:
+    """Answers a benchmark with a checkpoint, writes predictions and scores (model-running mode).
+
+    Every item is answered greedily (temperature 0) with its benchmark's `max_new_tokens`, the
+    video read as `infer.prepare_example` reads it. A video that cannot be decoded gets an empty
+    answer (counted wrong; the error is kept in the predictions file under "error").
+
+    Args:
+        config: the training config (ConfigDict) the checkpoint was trained with.
+        checkpoint: workdir, checkpoints folder or step folder (see `infer`); may be None when
+            `params` or `predictor` is given.
+        benchmark: "mlvu", "music_avqa" or "videomme".
+        data_dir: the benchmark's data folder in its release layout (`eval_data`).
+        limit: answer at most this many items, taken in turn from each task (None: all).
+        output: the scores JSON (default `<predictions_out>.<benchmark>.scores.json`).
+        predictions_out: the predictions file (default `<output stem>.predictions.json` beside
+            `output`, else `<benchmark>.predictions.json` in the working folder).
+        compat: "corrected" or "original": the MLVU prompt / letters and every scorer.
+        params: parameters to use instead of reading `checkpoint` (tests).
+        predictor: an `infer.Predictor` to reuse (its model answers; `config`, `checkpoint` and
+            `params` are then unused).
+        check_videos: fail before loading the model when a video file is missing.
+        log: stream for per-item stage times (default: discarded; the progress bar goes to
+            stderr).
+
+    Returns:
+        The `score` result plus "per_task" (`per_task_scores`) and "run" {checkpoint, data,
+        items, limit, seconds, answer_seconds, errors}, as written to `output`.
+
+    Raises:
+        ValueError: unknown benchmark or compat; `InputFileError` (a ValueError) for a missing
+            or malformed benchmark file or video.
+        infer.InferenceError: an unreadable checkpoint.
+    """
+    if benchmark not in RUNNABLE_BENCHMARKS:
+        raise ValueError(f"no model-running mode for benchmark {benchmark!r}; known: "
+                         f"{', '.join(RUNNABLE_BENCHMARKS)}")
+    check_compat(compat)
+    kw: dict[str, Any] = {"check_videos": check_videos}
+    if benchmark == "mlvu":
+        kw["compat"] = compat
+    items = eval_data.take(eval_data.load(benchmark, data_dir, **kw), limit)
+    if not items:
+        raise InputFileError(f"{benchmark} data folder {data_dir}: no items to evaluate")
+    if predictions_out is None:
+        predictions_out = (pathlib.Path(output).with_name(pathlib.Path(output).stem
+                                                          + ".predictions.json")
+                           if output is not None else pathlib.Path(f"{benchmark}.predictions.json"))
+    predictions_out = pathlib.Path(predictions_out)
+    output = pathlib.Path(output or f"{predictions_out}.{benchmark}.scores.json")
+
+    t0 = time.perf_counter()
+    if predictor is None:
+        from longvid_jax import infer  # pylint: disable=import-outside-toplevel
+
+        predictor = infer.Predictor(config, checkpoint, params=params,
+                                    log=log if log is not None else io.StringIO())
+    from longvid_jax.input import decode  # pylint: disable=import-outside-toplevel
+
+    answers, errors = [], {}
+    t1 = time.perf_counter()
+    for item in tqdm(items, desc=f"{benchmark}", unit="item", dynamic_ncols=True):
+        try:
+            out = predictor.answer(item.video, item.prompt, max_new_tokens=item.max_new_tokens,
+                                   temperature=0.0)
+            answers.append(out["answer"])
+        except decode.VideoDecodeError as e:
+            logging.warning("%s: %s (answered with empty text)", item.id, e)
+            answers.append("")
+            errors[item.id] = str(e)
+        if isinstance(predictor.log, io.StringIO):  # keep the discarded log from growing
+            predictor.log.seek(0)
+            predictor.log.truncate()
+    answer_s = time.perf_counter() - t1
+
+    preds = build_predictions(benchmark, items, answers)
+    if errors:
+        flat = preds if benchmark != "videomme" else [q for v in preds for q in v["questions"]]
+        ids = [it.id for it in items]
+        for rec, item_id in zip(flat, ids):
+            if item_id in errors:
+                rec["error"] = errors[item_id]
+    write_json(preds, predictions_out)
+
+    ground_truth: pathlib.Path | None = None
+    if benchmark == "mlvu":
+        # The items answered, as {task: [items]}, so a --limit subset scores on its own.
+        subset: dict[str, list[Any]] = {}
+        for item in items:
+            subset.setdefault(item.task, []).append(dict(item.record))
+        ground_truth = predictions_out.with_name(predictions_out.stem + ".ground_truth.json")
+        write_json(subset, ground_truth)
+    result = score(benchmark, predictions_out, ground_truth, compat=compat)
+    result["per_task"] = per_task_scores(benchmark, result)
+    result["run"] = {
+        "checkpoint": None if checkpoint is None else str(pathlib.Path(checkpoint).resolve()),
+        "data": str(pathlib.Path(data_dir).resolve()), "items": len(items), "limit": limit,
+        "seconds": time.perf_counter() - t0, "answer_seconds": answer_s, "errors": errors,
+    }
+    result["files"]["data"] = str(pathlib.Path(data_dir).resolve())
+    result["files"]["output"] = str(output.resolve())
+    write_json(result, output)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
 # Entry point
 # ----------------------------------------------------------------------------------------------
 
@@ -414,13 +634,72 @@ def write_json(result: Mapping[str, Any], path: str | pathlib.Path) -> None:
         f.write("\n")
 
 
+def _define_run_flags() -> None:
+    """Defines the model-running flags (--config, --checkpoint, --data, --limit,
+    --predictions_out) where not yet defined. Called when the CLI runs, not on import: the
+    trainer defines its own --config, and both modules may be imported in one process."""
+    from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+
+    defined = flags.FLAGS
+    if "config" not in defined:
+        config_flags.DEFINE_config_file("config", None, "Model-running mode: the training config "
+                                        "(get_config), as trained.", lock_config=True)
+    if "checkpoint" not in defined:
+        flags.DEFINE_string("checkpoint", None, "Model-running mode: training workdir, "
+                            "checkpoints folder or step folder.")
+    if "data" not in defined:
+        flags.DEFINE_string("data", None, "Model-running mode: the benchmark's data folder "
+                            "(release layout, see longvid_jax.eval_data).")
+    if "limit" not in defined:
+        flags.DEFINE_integer("limit", None, "Model-running mode: answer at most N items, taken "
+                             "in turn from each task.")
+    if "predictions_out" not in defined:
+        flags.DEFINE_string("predictions_out", None, "Model-running mode: where the predictions "
+                            "go (default <output stem>.predictions.json).")
+
+
+def _flag(name: str) -> Any:
+    return flags.FLAGS[name].value if name in flags.FLAGS else None
+
+
+def _main_run() -> None:
+    """The model-running mode of `main` (--data given)."""
+    if _BENCHMARK.value not in RUNNABLE_BENCHMARKS:
+        raise app.UsageError(f"--data (model-running mode) works with --benchmark="
+                             f"{'|'.join(RUNNABLE_BENCHMARKS)}, got {_BENCHMARK.value}")
+    if _flag("config") is None:
+        raise app.UsageError("--config is required with --data, e.g. --config=configs/tdc.py")
+    if _flag("checkpoint") is None:
+        raise app.UsageError("--checkpoint is required with --data")
+    if _PREDICTIONS.value is not None:
+        raise app.UsageError("give --predictions (score a file) or --data (run the model), "
+                             "not both")
+    from longvid_jax import infer  # pylint: disable=import-outside-toplevel
+
+    try:
+        result = run_benchmark(
+            _flag("config"), _flag("checkpoint"), _BENCHMARK.value, _flag("data"),
+            limit=_flag("limit"), output=_OUTPUT.value,
+            predictions_out=_flag("predictions_out"), compat=_COMPAT.value)
+    except (ValueError, infer.InferenceError) as e:  # InputFileError is a ValueError
+        raise SystemExit(f"error: {e}") from e
+    print(format_table(result))
+    for task, row in result["per_task"].items():
+        print(f"  {task}: {_format_value(row['accuracy'])} ({row['n']} items)")
+    print(f"wrote {result['files']['predictions']} and {result['files']['output']}")
+
+
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if _BENCHMARK.value is None:
         raise app.UsageError(f"--benchmark is required, one of: {', '.join(metrics.BENCHMARKS)}")
+    if _flag("data") is not None:
+        _main_run()
+        return
     if _PREDICTIONS.value is None:
-        raise app.UsageError("--predictions is required")
+        raise app.UsageError("--predictions is required (or --data with --config and "
+                             "--checkpoint to run a model)")
     try:
         result = score(
             _BENCHMARK.value,
@@ -443,4 +722,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
+    _define_run_flags()
     app.run(main)
