@@ -1,0 +1,316 @@
+"""Answering a question about a video with a converted TDC release (`models/tdc.py`).
+
+The steps of TDC's `eval/` scripts and `prepare_inputs_labels_for_multimodal`, with the times
+of each reported:
+
+  decode   frames at 1 fps (at most `max_frames`), the max-frame rule
+           (`scene_split.max_num_frames`: what fits 8192 tokens next to the prompt) by uniform
+           subsampling, `expand2square` with each tower's mean, SigLIP (384 px, mean / std 0.5)
+           and DINOv2 (378 px, ImageNet mean / std) pixels; the audio track at 16 kHz
+  encode   towers + SVA connector + unpad / `image_newline`, a chunk of frames at a time
+  split    scene segments from consecutive DINOv2 features (host)
+  audio    BEATs over 10 s windows; each frame gets its second's tokens average-pooled to 50
+  compress the TDC compressor with the question (BERT WordPiece ids) for the Q-Former
+  generate the prompt (`chatml_tdc`, one placeholder per video token), KV-cache generation
+
+`python -m convert.tdc_keys` writes the checkpoint this reads (`load_orbax`).
+"""
+
+import time
+from collections.abc import Mapping
+from typing import Any, TextIO
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from longvid_jax import generate as gen
+from longvid_jax.infer import PROMPT_BUCKET, pad_id, stop_token_ids
+from longvid_jax.input import chat, decode, fbank
+from longvid_jax.models import qformer, scene_split, tdc
+
+SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
+DINO_MEAN, DINO_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+AUDIO_WINDOW_S = 10  # BEATs runs over 10-second windows
+AUDIO_TOKENS_PER_FRAME = 50
+QFORMER_TEXT_LEN = 256
+SAMPLE_RATE = 16000
+
+
+def model_config(configs: Mapping[str, Any]) -> tdc.TDCConfig:
+    """`tdc.TDCConfig` from the part configs `convert.tdc_keys.import_tdc` returns.
+
+    Raises:
+      ValueError: a tower is missing (import it with --siglip / --dinov2).
+    """
+    for part in ("siglip", "dinov2"):
+        if configs.get(part) is None:
+            raise ValueError(f"the checkpoint has no {part} tower: import it with "
+                             f"`python -m convert.tdc_keys --{part}=...`")
+    return tdc.TDCConfig(siglip=configs["siglip"], dinov2=configs["dinov2"],
+                         connector=configs["connector"], compressor=configs["compressor"],
+                         llm=configs["llm"], beats=configs.get("beats"),
+                         tower_grid=configs["connector"].tower_grids[0])
+
+
+def _pixels(frames: np.ndarray, side: int, mean, std) -> np.ndarray:
+    """uint8[F, H, W, 3] -> expand2square (fill = mean x 255), resized to side, normalised."""
+    square = decode.expand2square(frames, tuple(int(m * 255) for m in mean))
+    x = square.astype(np.float32) / 255.0
+    if x.shape[1] != side:
+        x = np.asarray(jax.image.resize(x, (x.shape[0], side, side, 3), "bicubic"))
+    return (np.clip(x, 0.0, 1.0) - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+
+
+def frame_audio_tokens(tokens: np.ndarray, times: np.ndarray, freq_patches: int,
+                       seconds_per_patch: float) -> np.ndarray:
+    """Per-frame audio tokens: the time patches starting within each frame's second, all their
+    frequency patches in order, average-pooled to 50 (`adaptive_avg_pool1d`; zeros when the
+    second has none).
+
+    Args:
+      tokens: float[P, E] BEATs tokens of the whole track, time-major (t * freq_patches + f).
+      times: float[F] frame times in seconds.
+      freq_patches: frequency patches per time step (128 mel bins / 16).
+      seconds_per_patch: seconds per time patch (16 fbank frames of 10 ms: 0.16).
+
+    Returns:
+      float32[F, 50, E].
+    """
+    steps = tokens.shape[0] // freq_patches
+    start = np.arange(steps) * seconds_per_patch
+    out = np.zeros((len(times), AUDIO_TOKENS_PER_FRAME, tokens.shape[1]), np.float32)
+    for i, t in enumerate(times):
+        sel = np.nonzero(np.floor(start + 1e-9) == np.floor(t))[0]
+        if len(sel):
+            x = tokens.reshape(steps, freq_patches, -1)[sel].reshape(-1, tokens.shape[1])
+            out[i] = qformer.adaptive_pool_matrix(len(x), AUDIO_TOKENS_PER_FRAME) @ x
+    return out
+
+
+class TDCPredictor:
+    """A TDC model ready to answer questions about videos.
+
+    Args:
+      params, configs: `convert.tdc_keys.import_tdc` / `load_orbax` output (LoRA merged, or
+        kept adapters are merged here).
+      tokenizer: the LLM's tokenizer (Qwen2 / Llama-3.2, with `<|im_start|>` etc.).
+      bert_tokenizer: the Q-Former's BERT WordPiece tokenizer (bert-base-uncased
+        `vocab.txt`); required when the compressor reads the instruction (`text_input`).
+      max_frames: frames decoded at most (TDC's evaluation: 1000).
+      encode_chunk: frames per tower / connector call.
+      log: where stage times and progress go (None: silent).
+    """
+
+    def __init__(self, params: Mapping[str, Any], configs: Mapping[str, Any], tokenizer, *,
+                 bert_tokenizer=None, max_frames: int = 1000, encode_chunk: int = 16,
+                 log: TextIO | None = None):
+        from longvid_jax.models import lora
+
+        self.config = model_config(configs)
+        if self.config.compressor.text_input and bert_tokenizer is None:
+            raise ValueError("this TDC compressor reads the question: pass bert_tokenizer "
+                             "(bert-base-uncased vocab.txt)")
+        if configs.get("lora") is not None:
+            params = lora.merge_lora(params, configs["lora"])
+        self.params = jax.tree.map(jnp.asarray, dict(params))
+        self.tok, self.bert = tokenizer, bert_tokenizer
+        self.max_frames, self.encode_chunk, self.log = max_frames, encode_chunk, log
+        self.template = "chatml_tdc"
+        self.stop_ids = stop_token_ids(tokenizer, self.template)
+        model = tdc.TDCModel(self.config)
+        self._encode = jax.jit(lambda p, s, d, z: model.apply(
+            {"params": p}, s, d, z, method=tdc.TDCModel.encode_frames))
+        self._audio = (jax.jit(lambda p, x: model.apply({"params": p}, x,
+                                                        method=tdc.TDCModel.encode_audio))
+                       if self.config.beats is not None else None)
+        self._compress = jax.jit(
+            lambda p, t, c, m, s, a, i, im, n: model.apply(
+                {"params": p}, t, c, m, segment_starts=s, audio_tokens=a, text_ids=i,
+                text_mask=im, max_tokens=n, method=tdc.TDCModel.compress),
+            static_argnums=8)
+        self._splice = jax.jit(lambda p, ids, video: _splice(model, p, ids, video))
+
+    def _print(self, text: str) -> None:
+        if self.log is not None:
+            print(text, file=self.log, flush=True)
+
+    def prompt_len_without_video(self, question: str) -> int:
+        """Text tokens of the prompt around the video (for the max-frame rule)."""
+        conv = [{"from": "human", "value": "<image>\n" + question}]
+        return len(chat.tokenize_conversation(conv, self.tok, template=self.template,
+                                              num_video_tokens=0,
+                                              add_generation_prompt=True)["input_ids"])
+
+    def answer(self, video: str, question: str, *, max_new_tokens: int = 64,
+               temperature: float = 0.0, seed: int = 0) -> dict[str, Any]:
+        """Answers `question` about `video`.
+
+        Returns:
+          dict with `answer`, `tokens`, `frames`, `video_tokens` (count), `video` (the
+          compressed video tokens [video_tokens, D]), `segments` and `times` (seconds per
+          stage: decode, encode, split, audio, compress, generate).
+
+        Raises:
+          decode.VideoDecodeError: a missing or unreadable video (naming the file).
+        """
+        c, times = self.config, {}
+        t = time.perf_counter()
+        clip = decode.load_video(video, fps=1.0, max_frames=self.max_frames,
+                                 size=c.siglip.image_size, pad_to_square=False)
+        keep = scene_split.max_num_frames(self.prompt_len_without_video(question),
+                                          with_audio=c.beats is not None)
+        idx = np.arange(len(clip.frames))
+        if len(idx) > keep:  # uniform subsampling to what fits the context
+            idx = np.linspace(0, len(idx) - 1, keep).round().astype(int)
+        frames, stamps = clip.frames[idx], clip.timestamps[idx]
+        n = len(frames)
+        dino_side = c.dinov2.patch_size * c.siglip.grid
+        sig_px = _pixels(frames, c.siglip.image_size, SIGLIP_MEAN, SIGLIP_STD)
+        dino_px = _pixels(frames, dino_side, DINO_MEAN, DINO_STD)
+        sizes = np.broadcast_to(np.asarray(frames.shape[1:3], np.int32), (n, 2))
+        wave = decode.load_audio(video, sample_rate=SAMPLE_RATE) if c.beats else None
+        times["decode"] = time.perf_counter() - t
+        self._print(f"[decode] {video}: {n} frames ({len(clip.frames)} at 1 fps)")
+
+        t = time.perf_counter()
+        tokens, counts, dino = [], None, []
+        step = self.encode_chunk
+        for s in range(0, n, step):
+            pad = max(0, s + step - n)
+            pw = ((0, pad), (0, 0), (0, 0), (0, 0))
+            tk, ct, aux = self._encode(self.params, np.pad(sig_px[s:s + step], pw),
+                                       np.pad(dino_px[s:s + step], pw),
+                                       np.pad(sizes[s:s + step], ((0, pad), (0, 0)), "edge"))
+            tokens.append(tk[:step - pad])
+            dino.append(np.asarray(aux["dino_features"][:step - pad]))
+            counts = ct[:1]
+            self._print(f"[encode] {min(n, s + step)}/{n} frames")
+        tokens = jnp.concatenate(tokens)[None]
+        times["encode"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        layout = scene_split.scene_layout(np.concatenate(dino))
+        sel = layout.selected_frame_indices
+        tokens, stamps = tokens[:, sel], stamps[sel]
+        starts = np.zeros((1, len(sel)), bool)
+        starts[0, layout.split_points[:-1][layout.split_points[:-1] < len(sel)]] = True
+        times["split"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        audio = None
+        if self._audio is not None and wave is not None:
+            audio = jnp.asarray(self._track_tokens(wave, stamps))[None]
+        times["audio"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        ids = mask = None
+        if c.compressor.text_input:
+            enc = self.bert(question, truncation=True, max_length=QFORMER_TEXT_LEN)
+            ids = np.asarray(enc["input_ids"], np.int32)[None]
+            mask = np.ones(ids.shape, bool)
+        n_max = qformer.max_video_tokens(  # static buffer size for any split
+            len(sel), c.frame_slots, 0 if audio is None else audio.shape[2], c.compressor,
+            max_segments=len(layout.segment_sizes))
+        video_tokens, vmask, caux = self._compress(
+            self.params, tokens, counts, np.ones((1, len(sel)), bool), starts, audio, ids, mask,
+            n_max)
+        nv = int(caux["num_tokens"][0])
+        times["compress"] = time.perf_counter() - t
+        self._print(f"[compress] {len(sel)} frames, {len(layout.segment_sizes)} segments -> "
+                    f"{nv} video tokens")
+
+        t = time.perf_counter()
+        conv = [{"from": "human", "value": "<image>\n" + question}]
+        prompt = chat.tokenize_conversation(conv, self.tok, template=self.template,
+                                            num_video_tokens=nv, add_generation_prompt=True)
+        prompt_ids = np.asarray(prompt["input_ids"], np.int32)[None]
+        length = prompt_ids.shape[1]
+        padded = -(-length // PROMPT_BUCKET) * PROMPT_BUCKET
+        prompt_ids = np.pad(prompt_ids, ((0, 0), (0, padded - length)),
+                            constant_values=pad_id(self.tok))
+        embeds = self._splice(self.params, prompt_ids, video_tokens)
+        res = gen.generate(self.params["llm"], c.llm, prompt_embeds=embeds,
+                           prompt_lengths=[length], max_new_tokens=max_new_tokens,
+                           max_len=padded + -(-max_new_tokens // PROMPT_BUCKET) * PROMPT_BUCKET,
+                           temperature=temperature, stop_token_ids=self.stop_ids,
+                           rng=jax.random.key(seed), pad_id=pad_id(self.tok))
+        times["generate"] = time.perf_counter() - t
+        out = res.sequences()[0]
+        text = self.tok.decode(out, skip_special_tokens=True)
+        self._print(f"[generate] {len(out)} tokens; stage seconds " +
+                    ", ".join(f"{k} {v:.2f}" for k, v in times.items()))
+        return {"answer": text, "tokens": out, "frames": len(sel), "video_tokens": nv,
+                "segments": len(layout.segment_sizes), "times": times,
+                "video": np.asarray(video_tokens[0, :nv])}
+
+    def _track_tokens(self, wave: np.ndarray, stamps: np.ndarray) -> np.ndarray:
+        """BEATs tokens of the whole track (10 s windows), assigned to the frames' seconds."""
+        c = self.config.beats
+        win = AUDIO_WINDOW_S * SAMPLE_RATE
+        n_win = max(1, -(-len(wave) // win))
+        wave = np.pad(wave, (0, n_win * win - len(wave)))
+        feats = fbank.beats_fbank(wave.reshape(n_win, win), sample_rate=SAMPLE_RATE)
+        toks = np.asarray(self._audio(self.params, feats))  # [W, P, E], time-major
+        freq = c.num_mel_bins // c.patch_size
+        per_win = toks.shape[1] // freq
+        seconds_per_patch = AUDIO_WINDOW_S / (feats.shape[1] / c.patch_size)
+        track = toks[:, :per_win * freq].reshape(n_win * per_win * freq, -1)
+        return frame_audio_tokens(track, stamps, freq, seconds_per_patch)
+
+
+def _splice(model: tdc.TDCModel, params, ids, video):
+    from longvid_jax.models.video_llm import VIDEO_TOKEN_INDEX, splice_video_tokens
+
+    def fwd(m):
+        text = m.llm.embed(jnp.where(ids == VIDEO_TOKEN_INDEX, 0, ids))
+        return splice_video_tokens(text, ids, video)
+
+    return model.apply({"params": params}, method=fwd)
+
+
+
+def main(argv) -> None:
+    """`python -m longvid_jax.tdc_infer --checkpoint=DIR --video=FILE --question=...`."""
+    del argv
+    import sys
+
+    import transformers
+    from absl import flags
+
+    from convert import tdc_keys
+    from longvid_jax.input import tokenizer as tokenizer_lib
+
+    f = flags.FLAGS
+    params, configs = tdc_keys.load_orbax(f.checkpoint)
+    bert = None
+    if f.bert_vocab:
+        bert = transformers.BertTokenizerFast(vocab_file=f.bert_vocab, do_lower_case=True)
+    pred = TDCPredictor(params, configs, tokenizer_lib.load_tokenizer(f.tokenizer),
+                        bert_tokenizer=bert, max_frames=f.max_frames, log=sys.stderr)
+    out = pred.answer(f.video, f.question, max_new_tokens=f.max_new_tokens,
+                      temperature=f.temperature, seed=f.seed)
+    print(out["answer"])
+
+
+def _define_flags() -> None:
+    from absl import flags
+
+    flags.DEFINE_string("checkpoint", None, "Orbax folder from `python -m convert.tdc_keys`.",
+                        required=True)
+    flags.DEFINE_string("video", None, "Video file.", required=True)
+    flags.DEFINE_string("question", None, "Question about the video.", required=True)
+    flags.DEFINE_string("tokenizer", "qwen2", "LLM tokenizer: 'qwen2' or a local HF folder "
+                        "(Llama-3.2 for TDC-3B).")
+    flags.DEFINE_string("bert_vocab", None, "bert-base-uncased vocab.txt (the Q-Former's text).")
+    flags.DEFINE_integer("max_frames", 1000, "Frames decoded at most (1 fps).")
+    flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate at most.")
+    flags.DEFINE_float("temperature", 0.0, "0: greedy; > 0: sampling temperature.")
+    flags.DEFINE_integer("seed", 0, "Sampling seed.")
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    _define_flags()
+    app.run(main)
