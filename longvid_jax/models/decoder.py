@@ -188,9 +188,11 @@ class DecoderConfig:
         ids marking only right padding, so cuDNN serves padded batches through sequence
         lengths (the trainer's pipeline pads, it never packs).
       fused_projections: compute q / k / v with one matmul against their concatenated weights
-        (one larger kernel instead of two skinny key / value ones; one input gradient). The
-        parameters are the same either way. Skipped automatically inside a LoRA context or
-        when the head weight axes are split over devices. (Fusing gate / up the same way was
+        (one larger kernel instead of two skinny key / value ones; one input gradient) when a
+        call has at least D tokens (decode steps keep three matmuls: concatenating the weights
+        would add their size to each step's memory traffic). The parameters are the same
+        either way. Skipped automatically inside a LoRA context or when the head weight axes
+        are split over devices. (Fusing gate / up the same way was
         measured slower on an H200: the split's backward materialises a [T, 2M] concatenation
         of their gradients.)
     """
@@ -462,7 +464,10 @@ class Attention(nn.Module):
         specs = {"q_proj": ((d, n, h), (EMBED, HEADS, HEAD_DIM), bias(HEADS)),
                  "k_proj": ((d, k, h), (EMBED, KV_HEADS, HEAD_DIM), bias(KV_HEADS)),
                  "v_proj": ((d, k, h), (EMBED, KV_HEADS, HEAD_DIM), bias(KV_HEADS))}
-        if cfg.fused_projections and _fusable(HEADS, KV_HEADS):
+        # Fusing concatenates the weights on every call: worth it only for many tokens
+        # (training, prefill), not for decode steps, which are bound by reading the weights.
+        many_tokens = x.shape[0] * x.shape[1] >= d
+        if cfg.fused_projections and many_tokens and _fusable(HEADS, KV_HEADS):
             q, kk, v = _fused_einsum(x, "BTD,DNH->BTNH", 1, specs, cfg.compute_dtype,
                                      cfg.weight_dtype)
         else:

@@ -161,7 +161,7 @@ def test_fused_projections_match_separate_ones(tiny):
     """q/k/v fused into one matmul: same parameters, same outputs and grads; skipped inside a
     LoRA context and where the head axes are split over devices."""
     cfg, params = tiny
-    tokens, positions = _inputs(cfg, seed=9)
+    tokens, positions = _inputs(cfg, seed=9, length=40)  # B * T >= D: the fused path runs
     separate = dataclasses.replace(cfg, fused_projections=False)
     assert cfg.fused_projections
     for got, want in zip(_run(cfg, params, tokens, positions),
