@@ -64,13 +64,16 @@ def _pixels(frames: np.ndarray, side: int, mean, std) -> np.ndarray:
 
 def frame_audio_tokens(tokens: np.ndarray, times: np.ndarray, freq_patches: int,
                        seconds_per_patch: float) -> np.ndarray:
-    """Per-frame audio tokens: the time patches starting within each frame's second, all their
-    frequency patches in order, average-pooled to 50 (`adaptive_avg_pool1d`; zeros when the
-    second has none).
+    """Per-frame audio tokens: each kept frame takes the time patches that start in its second
+    and in the seconds skipped before the next kept frame (the last frame: to the end of the
+    track), all their frequency patches in order, average-pooled to 50 tokens
+    (`adaptive_avg_pool1d`; zeros when there are none). ORIGINALS.md describes TDC's rule as
+    50 tokens per second with skipped seconds pooled into the kept frame; the exact pooling
+    inside a second is this module's reading of it.
 
     Args:
       tokens: float[P, E] BEATs tokens of the whole track, time-major (t * freq_patches + f).
-      times: float[F] frame times in seconds.
+      times: float[F] kept frame times in seconds, increasing.
       freq_patches: frequency patches per time step (128 mel bins / 16).
       seconds_per_patch: seconds per time patch (16 fbank frames of 10 ms: 0.16).
 
@@ -78,12 +81,15 @@ def frame_audio_tokens(tokens: np.ndarray, times: np.ndarray, freq_patches: int,
       float32[F, 50, E].
     """
     steps = tokens.shape[0] // freq_patches
-    start = np.arange(steps) * seconds_per_patch
+    second = np.floor(np.arange(steps) * seconds_per_patch + 1e-9)
+    grid = tokens[:steps * freq_patches].reshape(steps, freq_patches, -1)
+    lo = np.floor(np.asarray(times, np.float64))
+    hi = np.append(lo[1:], np.inf)
     out = np.zeros((len(times), AUDIO_TOKENS_PER_FRAME, tokens.shape[1]), np.float32)
-    for i, t in enumerate(times):
-        sel = np.nonzero(np.floor(start + 1e-9) == np.floor(t))[0]
+    for i in range(len(times)):
+        sel = np.nonzero((second >= lo[i]) & (second < max(hi[i], lo[i] + 1)))[0]
         if len(sel):
-            x = tokens.reshape(steps, freq_patches, -1)[sel].reshape(-1, tokens.shape[1])
+            x = grid[sel].reshape(-1, tokens.shape[1])
             out[i] = qformer.adaptive_pool_matrix(len(x), AUDIO_TOKENS_PER_FRAME) @ x
     return out
 

@@ -84,15 +84,20 @@ def test_converted_release_answers_about_a_real_clip(predictor):
 
 
 def test_frame_audio_tokens_pool_each_second():
+    """Frames at 0, 1 and 3 s of a 3.84 s track: frame 0 takes second 0, frame 1 seconds 1-2
+    (second 2 was skipped), frame 2 second 3 to the end."""
     rng = np.random.default_rng(3)
-    toks = rng.standard_normal((2 * 12 * 8, 5)).astype(np.float32)  # 24 steps of 0.16 s x 8
-    out = tdc_infer.frame_audio_tokens(toks, np.array([0.0, 1.0, 5.0]), 8, 0.16)
+    toks = rng.standard_normal((24 * 8, 5)).astype(np.float32)  # 24 steps of 0.16 s x 8
+    out = tdc_infer.frame_audio_tokens(toks, np.array([0.0, 1.0, 3.0]), 8, 0.16)
     assert out.shape == (3, 50, 5)
     steps = toks.reshape(24, 8, 5)
-    first = steps[[0, 1, 2, 3, 4, 5, 6]].reshape(-1, 5)  # starts 0 .. 0.96 s
-    np.testing.assert_allclose(out[0].mean(0), np.mean(
-        tdc_infer.qformer.adaptive_pool_matrix(len(first), 50) @ first, 0), rtol=1e-5)
-    assert not out[2].any()  # no audio tokens start in second 5
+    second = np.floor(np.arange(24) * 0.16 + 1e-9)
+    for i, (lo, hi) in enumerate([(0, 1), (1, 3), (3, 99)]):
+        x = steps[(second >= lo) & (second < hi)].reshape(-1, 5)
+        want = tdc_infer.qformer.adaptive_pool_matrix(len(x), 50) @ x
+        np.testing.assert_allclose(out[i], want, rtol=1e-5, atol=1e-6)
+    none = tdc_infer.frame_audio_tokens(toks, np.array([0.0, 7.0]), 8, 0.16)
+    assert not none[1].any()  # no audio after 3.84 s
 
 
 def test_missing_tower_or_bert_is_a_clear_error(predictor):
