@@ -656,6 +656,36 @@ def _define_run_flags() -> None:
     if "predictions_out" not in defined:
         flags.DEFINE_string("predictions_out", None, "Model-running mode: where the predictions "
                             "go (default <output stem>.predictions.json).")
+    if "tdc_checkpoint" not in defined:
+        flags.DEFINE_string("tdc_checkpoint", None, "Model-running mode with a converted TDC "
+                            "release (`python -m convert.tdc_keys` output) instead of "
+                            "--config / --checkpoint; answers through tdc_infer.TDCPredictor.")
+    if "bert_vocab" not in defined:
+        flags.DEFINE_string("bert_vocab", None, "With --tdc_checkpoint: bert-base-uncased "
+                            "vocab.txt (the Q-Former's question ids).")
+    if "tokenizer" not in defined:
+        flags.DEFINE_string("tokenizer", "qwen2", "With --tdc_checkpoint: the LLM tokenizer "
+                            "('qwen2' or a local HF folder).")
+
+
+def tdc_predictor(checkpoint: str, tokenizer: str = "qwen2", bert_vocab: str | None = None):
+    """A `tdc_infer.TDCPredictor` on a converted TDC release (`convert.tdc_keys` orbax folder),
+    for `run_benchmark(..., predictor=...)`.
+
+    Raises:
+      ValueError: a missing tower, or no `bert_vocab` for a compressor that reads text.
+    """
+    import transformers  # pylint: disable=import-outside-toplevel
+
+    from convert import tdc_keys  # pylint: disable=import-outside-toplevel
+    from longvid_jax import tdc_infer  # pylint: disable=import-outside-toplevel
+    from longvid_jax.input import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
+
+    params, configs = tdc_keys.load_orbax(checkpoint)
+    bert = (transformers.BertTokenizerFast(vocab_file=bert_vocab, do_lower_case=True)
+            if bert_vocab else None)
+    return tdc_infer.TDCPredictor(params, configs, tokenizer_lib.load_tokenizer(tokenizer),
+                                  bert_tokenizer=bert, log=io.StringIO())
 
 
 def _flag(name: str) -> Any:
@@ -667,9 +697,14 @@ def _main_run() -> None:
     if _BENCHMARK.value not in RUNNABLE_BENCHMARKS:
         raise app.UsageError(f"--data (model-running mode) works with --benchmark="
                              f"{'|'.join(RUNNABLE_BENCHMARKS)}, got {_BENCHMARK.value}")
-    if _flag("config") is None:
-        raise app.UsageError("--config is required with --data, e.g. --config=configs/tdc.py")
-    if _flag("checkpoint") is None:
+    predictor = None
+    if _flag("tdc_checkpoint") is not None:
+        predictor = tdc_predictor(_flag("tdc_checkpoint"), _flag("tokenizer"),
+                                  _flag("bert_vocab"))
+    elif _flag("config") is None:
+        raise app.UsageError("--config is required with --data, e.g. --config=configs/tdc.py "
+                             "(or --tdc_checkpoint for a converted TDC release)")
+    elif _flag("checkpoint") is None:
         raise app.UsageError("--checkpoint is required with --data")
     if _PREDICTIONS.value is not None:
         raise app.UsageError("give --predictions (score a file) or --data (run the model), "
@@ -678,9 +713,10 @@ def _main_run() -> None:
 
     try:
         result = run_benchmark(
-            _flag("config"), _flag("checkpoint"), _BENCHMARK.value, _flag("data"),
-            limit=_flag("limit"), output=_OUTPUT.value,
-            predictions_out=_flag("predictions_out"), compat=_COMPAT.value)
+            _flag("config"), _flag("checkpoint") or _flag("tdc_checkpoint"), _BENCHMARK.value,
+            _flag("data"), limit=_flag("limit"), output=_OUTPUT.value,
+            predictions_out=_flag("predictions_out"), compat=_COMPAT.value,
+            predictor=predictor)
     except (ValueError, infer.InferenceError) as e:  # InputFileError is a ValueError
         raise SystemExit(f"error: {e}") from e
     print(format_table(result))

@@ -125,3 +125,18 @@ def test_cli_answers_from_the_converted_orbax_checkpoint(predictor, tmp_path):
         capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "[generate]" in proc.stderr and "[compress]" in proc.stderr
+
+
+def test_converted_release_scores_mlvu_samples(predictor, tmp_path):
+    """`evaluate.run_benchmark` with the TDC predictor on hand-made MLVU samples (real layout)."""
+    from longvid_jax import evaluate
+    from tests.test_eval_run import make_mlvu
+
+    pred, _ = predictor
+    data = make_mlvu(tmp_path / "MLVU")
+    result = evaluate.run_benchmark(None, "tdc", "mlvu", data, limit=2,
+                                    output=tmp_path / "scores.json", predictor=pred)
+    assert result["run"]["items"] == 2 and result["per_task"]
+    for row in result["per_task"].values():
+        assert 0.0 <= row["accuracy"] <= 1.0 and row["n"] >= 1
+    assert (tmp_path / "scores.json").exists()
