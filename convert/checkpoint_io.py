@@ -737,3 +737,10 @@ def copy_side_files(src: str, dst: str, *, skip: tuple[str, ...] = ()) -> list[s
             shutil.copy2(path, os.path.join(dst, name))
             copied.append(name)
     return copied
+
+
+def setup_cli_logging() -> None:
+    """INFO logging for the conversion CLIs (`import_hf`, `export_hf`, `tdc_keys`), with absl's
+    (orbax's) messages quietened to warnings."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)

@@ -207,8 +207,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("absl").setLevel(logging.WARNING)
+    cio.setup_cli_logging()
     export_checkpoint(args.src, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
                       overwrite=args.overwrite, group_layers=args.group_layers)
     return 0

@@ -371,8 +371,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("absl").setLevel(logging.WARNING)
+    cio.setup_cli_logging()
     import_checkpoint(args.src, args.out, family=args.family, dtype=args.dtype,
                       weights=args.weights, config=args.config, keep_ignored=args.keep_ignored,
                       group_bytes=cio.parse_size(args.group_size), compress=args.compress,

@@ -1042,8 +1042,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("absl").setLevel(logging.WARNING)
+    cio.setup_cli_logging()
     overrides = {"qformer": {"num_heads": args.qformer_heads}} if args.qformer_heads else {}
     params, configs = import_tdc(args.tdc, siglip=args.siglip, dinov2=args.dinov2,
                                  beats=args.beats, llm=args.llm, lora=args.lora,
