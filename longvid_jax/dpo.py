@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from longvid_jax.models.vit import config_from_variant
+from longvid_jax.variants import config_from_variant
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "kto_pair")
 METRIC_NAMES = (

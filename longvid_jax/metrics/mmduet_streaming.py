@@ -101,7 +101,7 @@ def make_config(variant: str | None = None, **overrides: Any) -> StreamRuleConfi
     """
     # Imported here so that scoring never imports JAX (models.vit does); the helper is the
     # project's one variant-plus-overrides rule.
-    from longvid_jax.models.vit import config_from_variant
+    from longvid_jax.variants import config_from_variant
 
     return config_from_variant(StreamRuleConfig, VARIANTS, variant, overrides)
 

@@ -50,7 +50,7 @@ from jaxtyping import Array, Bool, Float
 from longvid_jax.models import ACT_BTD, CONV, EMBED, HEAD_DIM, HEADS, LAYERS, MLP, NORM, VOCAB
 from longvid_jax.models.attention import make_attention_mask
 from longvid_jax.models.layers import Einsum, LayerNorm, activation
-from longvid_jax.models.vit import config_from_variant
+from longvid_jax.variants import config_from_variant
 
 Dtype = Any
 

@@ -51,10 +51,11 @@ from longvid_jax.models import (
     LAYERS,
     MLP,
     VOCAB,
+    lora,
 )
 from longvid_jax.models import attention as attention_lib
-from longvid_jax.models import lora
 from longvid_jax.models.layers import Einsum, EinsumWeights, RMSNorm, activation, fan_in_init
+from longvid_jax.variants import config_from_variant
 
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor",
                 "original_max_position_embeddings")
@@ -284,22 +285,7 @@ def make_config(variant: str | None = None, **overrides: Any) -> DecoderConfig:
     Raises:
       ValueError: for an unknown variant or field, a missing required field or an invalid value.
     """
-    names = {f.name for f in dataclasses.fields(DecoderConfig)}
-    unknown = sorted(set(overrides) - names)
-    if unknown:
-        raise ValueError(f"unknown DecoderConfig field(s) {unknown}; known: {sorted(names)}")
-    if variant is None:
-        kw: dict[str, Any] = {}
-    elif variant in VARIANTS:
-        kw = dict(VARIANTS[variant])
-    else:
-        raise ValueError(f"unknown decoder variant {variant!r}; known: {sorted(VARIANTS)}")
-    kw.update(overrides)
-    missing = sorted(f.name for f in dataclasses.fields(DecoderConfig)
-                     if f.default is dataclasses.MISSING and f.name not in kw)
-    if missing:
-        raise ValueError(f"DecoderConfig field(s) {missing} not given (variant={variant!r})")
-    return DecoderConfig(**kw)
+    return config_from_variant(DecoderConfig, VARIANTS, variant, overrides)
 
 
 def from_dict(d: Mapping[str, Any]) -> DecoderConfig:

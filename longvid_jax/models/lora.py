@@ -52,6 +52,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from longvid_jax.variants import config_from_variant
+
 LORA_RANK = "lora_rank"  # logical name of the rank axis (replicated: no rule maps it)
 
 # TDC stage 3 (Hoar012/TDC-Video `tdc/train.py`, `find_all_linear_names`): PEFT targets the
@@ -128,18 +130,7 @@ def make_config(variant: str | None = None, **overrides: Any) -> LoRAConfig:
     Raises:
       ValueError: an unknown variant or field, or an invalid value.
     """
-    names = {f.name for f in dataclasses.fields(LoRAConfig)}
-    unknown = sorted(set(overrides) - names)
-    if unknown:
-        raise ValueError(f"unknown LoRAConfig field(s) {unknown}; known: {sorted(names)}")
-    if variant is None:
-        kw: dict[str, Any] = {}
-    elif variant in VARIANTS:
-        kw = dict(VARIANTS[variant])
-    else:
-        raise ValueError(f"unknown LoRA variant {variant!r}; known: {sorted(VARIANTS)}")
-    kw.update(overrides)
-    return LoRAConfig(**kw)
+    return config_from_variant(LoRAConfig, VARIANTS, variant, overrides)
 
 
 def from_dict(d: Mapping[str, Any] | LoRAConfig | None) -> LoRAConfig | None:

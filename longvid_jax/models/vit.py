@@ -42,6 +42,7 @@ from jaxtyping import Array, Float
 from longvid_jax.models import ACT_BTD, CONV, EMBED, HEAD_DIM, HEADS, LAYERS, MLP, NORM
 from longvid_jax.models.attention import dot_product_attention
 from longvid_jax.models.layers import Einsum, EinsumWeights, LayerNorm, activation
+from longvid_jax.variants import config_from_variant  # noqa: F401 (re-exported)
 
 Dtype = Any
 
@@ -156,30 +157,6 @@ def make_config(variant: str | None = None, **overrides) -> ViTConfig:
 def from_dict(d: dict[str, Any]) -> ViTConfig:
     """`make_config(**d)`; `d` may hold a `variant` key."""
     return make_config(**dict(d))
-
-
-def config_from_variant(cls: type, variants: dict[str, dict[str, Any]], variant: str | None,
-                        overrides: dict[str, Any]):
-    """Instantiates the config dataclass `cls` from `variants[variant]` updated by `overrides`.
-
-    Raises:
-      ValueError: for an unknown variant or field, or a required field given by neither.
-    """
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} fields {unknown}; known: {sorted(fields)}")
-    kw = {}
-    if variant is not None:
-        if variant not in variants:
-            raise ValueError(f"unknown variant {variant!r}; known: {sorted(variants)}")
-        kw.update(variants[variant])
-    kw.update(overrides)
-    missing = sorted(f.name for f in dataclasses.fields(cls)
-                     if f.name not in kw and f.default is dataclasses.MISSING)
-    if missing:
-        raise ValueError(f"{cls.__name__}: missing fields {missing} (give a variant or values)")
-    return cls(**kw)
 
 
 # --------------------------------------------------------------------------------------------

@@ -306,7 +306,7 @@ def test_config_fields_variants_and_errors():
         decoder.from_dict({"variant": "tiny", "not_a_field": 1})
     with pytest.raises(ValueError, match="variant"):
         decoder.make_config("qwen3_moe")
-    with pytest.raises(ValueError, match="not given"):
+    with pytest.raises(ValueError, match="missing fields"):
         decoder.make_config(hidden_size=8)
     with pytest.raises(ValueError, match="num_kv_heads"):
         decoder.make_config("tiny", num_kv_heads=3)
