@@ -5,7 +5,12 @@ import pathlib
 
 # Must happen before JAX initialises its backends.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+# XLA's concurrency-optimised CPU scheduler lets the 4 fake devices issue independent
+# collectives in different orders; their rendezvous then deadlock and XLA aborts the process
+# after 40 s (seen on the ring-attention + accumulation train step). The plain scheduler keeps
+# one order; it changes no numbers.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4 "
+                      "--xla_cpu_enable_concurrency_optimized_scheduler=false")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
