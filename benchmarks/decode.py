@@ -1,7 +1,8 @@
 """Decoding speed with a KV cache, ours vs `transformers` `generate`, same GPU, same run (issue 5).
 
     python benchmarks/decode.py [--variant=qwen2_7b] [--prefix=8192] [--new_tokens=128]
-        [--scan] [--skip_torch] [--smoke]
+        [--decode_attention=auto|xla|pallas_gpu] [--scan] [--skip_torch] [--profile_dir=DIR]
+        [--smoke]
 
 A Qwen2-7B-shaped LLM with random bf16 weights at batch 1: an `--prefix`-token random prompt is
 prefilled, then `--new_tokens` tokens are generated greedily.
@@ -150,6 +151,8 @@ def main():
     p.add_argument("--prefix", type=int, default=8192)
     p.add_argument("--new_tokens", type=int, default=128)
     p.add_argument("--attention", default="auto", help="prefill attention implementation")
+    p.add_argument("--decode_attention", default="auto",
+                   help="decode attention over the cache: auto, xla or pallas_gpu")
     p.add_argument("--scan", action="store_true",
                    help="layers under nn.scan (default unrolled: XLA then reads each layer's "
                         "weights in place; the scanned loop decodes ~2x slower on an H100)")
@@ -164,12 +167,14 @@ def main():
     else:
         cfg = decoder.make_config(a.variant, dtype="bfloat16", param_dtype="bfloat16",
                                   scan_layers=a.scan, attention_impl=a.attention,
+                                  decode_attention_impl=a.decode_attention,
                                   packed_sequences=False)
         prefix, new_tokens, repeats = a.prefix, a.new_tokens, a.repeats
     kind = jax.devices()[0].device_kind
     print(f"device: {kind}; jax {jax.__version__}; {'tiny' if a.smoke else a.variant} "
           f"batch 1, prefix {prefix} tokens, {new_tokens} new tokens (greedy); ours: "
-          f"scan={cfg.scan_layers}, prefill attention={cfg.attention_impl}, weights "
+          f"scan={cfg.scan_layers}, prefill attention={cfg.attention_impl}, decode attention="
+          f"{cfg.decode_attention_impl}, weights "
           f"{cfg.param_dtype}")
     # PyTorch runs first and returns its cached memory before JAX allocates (both share the GPU).
     hf = None

@@ -55,9 +55,11 @@ def _full_logits(cfg, params, ids):
     return np.asarray(model.apply({"params": params}, jnp.asarray(ids), method=run))
 
 
-@pytest.mark.parametrize("scan", [False, True])
-def test_cache_logits_equal_full_forward(qwen, scan):
+@pytest.mark.parametrize("scan,decode_attention", [(False, "xla"), (True, "xla"),
+                                                   (False, "pallas_gpu"), (True, "pallas_gpu")])
+def test_cache_logits_equal_full_forward(qwen, scan, decode_attention):
     _, cfg, params = qwen
+    cfg = dataclasses.replace(cfg, decode_attention_impl=decode_attention)
     if scan:
         cfg = dataclasses.replace(cfg, scan_layers=True)
         params = decoder.stack_layer_params(params, cfg.num_layers)

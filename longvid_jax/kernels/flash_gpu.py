@@ -75,6 +75,21 @@ def _kv_block_scores(j, q, q_pos, q_seg, k_ref, v_ref, kseg_ref, *, scale, causa
     return s, k, v
 
 
+def online_softmax_step(carry, s, v):
+    """One key block of the online softmax (FlashAttention-2, Algorithm 1 lines 8-10).
+
+    carry: (running max float32[bq], running sum float32[bq], unnormalised output
+    float32[bq, H]); s: float32[bq, bk] masked scores of the block; v: [bk, H] its values.
+    Returns the updated carry."""
+    m, l, acc = carry
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    alpha = jnp.exp(m - m_new)
+    p = jnp.exp(s - m_new[:, None])
+    l = l * alpha + jnp.sum(p, axis=1)
+    pv = lax.dot_general(p.astype(v.dtype), v, _DIMS_NN, preferred_element_type=jnp.float32)
+    return m_new, l, acc * alpha[:, None] + pv
+
+
 def _fwd_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, lse_ref, *, scale, causal,
                 use_seg, block_q, block_k, kv_len):
     qi = pl.program_id(2)
@@ -84,15 +99,9 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, lse_ref, *, scal
     n_kv = _num_kv_blocks(qi, causal=causal, block_q=block_q, block_k=block_k, kv_len=kv_len)
 
     def body(j, carry):
-        m, l, acc = carry
         s, _, v = _kv_block_scores(j, q, q_pos, q_seg, k_ref, v_ref, kseg_ref, scale=scale,
                                    causal=causal, use_seg=use_seg, block_k=block_k)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        alpha = jnp.exp(m - m_new)
-        p = jnp.exp(s - m_new[:, None])
-        l = l * alpha + jnp.sum(p, axis=1)
-        pv = lax.dot_general(p.astype(v.dtype), v, _DIMS_NN, preferred_element_type=jnp.float32)
-        return m_new, l, acc * alpha[:, None] + pv
+        return online_softmax_step(carry, s, v)
 
     init = (jnp.full((block_q,), _NEG_INF, jnp.float32), jnp.zeros((block_q,), jnp.float32),
             jnp.zeros(q.shape, jnp.float32))

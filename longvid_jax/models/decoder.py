@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from longvid_jax.kernels import dispatch
+from longvid_jax.kernels import decode_gpu, dispatch
 from longvid_jax.models import (
     ACT_BATCH,
     ACT_BTD,
@@ -71,6 +71,7 @@ def dots_and_attention_saveable(prim, *args, **params) -> bool:
         return True
     return jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *args, **params)
 _ATTENTION_IMPLS = dispatch.IMPLEMENTATIONS
+_DECODE_ATTENTION_IMPLS = ("auto", "xla", "pallas_gpu")
 
 
 def _one_axis(axes) -> str | None:
@@ -196,6 +197,10 @@ class DecoderConfig:
         are split over devices. (Fusing gate / up the same way was
         measured slower on an H200: the split's backward materialises a [T, 2M] concatenation
         of their gradients.)
+      decode_attention_impl: attention of a decode step over the KV cache: "xla"
+        (`cached_attention`), "pallas_gpu" (`kernels.decode_gpu`: one split-K kernel per layer
+        reading the cache in place) or "auto" (the Pallas kernel on GPU where it takes the
+        shapes, else XLA).
     """
 
     vocab_size: int
@@ -218,6 +223,7 @@ class DecoderConfig:
     max_score_bytes: int = dispatch.DEFAULT_MAX_SCORE_BYTES
     packed_sequences: bool = True
     fused_projections: bool = True
+    decode_attention_impl: str = "auto"
 
     def __post_init__(self):
         object.__setattr__(self, "rope_scaling", _canonical_rope_scaling(self.rope_scaling))
@@ -234,6 +240,9 @@ class DecoderConfig:
             raise ValueError(f"remat_policy {self.remat_policy!r} not in {_REMAT_POLICIES}")
         if self.attention_impl not in _ATTENTION_IMPLS:
             raise ValueError(f"attention_impl {self.attention_impl!r} not in {_ATTENTION_IMPLS}")
+        if self.decode_attention_impl not in _DECODE_ATTENTION_IMPLS:
+            raise ValueError(f"decode_attention_impl {self.decode_attention_impl!r} not in "
+                             f"{_DECODE_ATTENTION_IMPLS}")
         for name in ("dtype", "param_dtype"):
             try:
                 jnp.dtype(getattr(self, name))
@@ -426,8 +435,8 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x: Float[Array, "B T D"], cos: Float[Array, "B T H"],
                  sin: Float[Array, "B T H"], segment_ids: Int[Array, "B T"] | None,
-                 layer_cache: Mapping[str, Array] | None = None,
-                 cache_valid: Array | None = None):
+                 layer_cache: Mapping[str, Any] | None = None,
+                 cache_lengths: Array | None = None):
         """Self-attention, optionally against a KV cache.
 
         Args:
@@ -435,10 +444,11 @@ class Attention(nn.Module):
           segment_ids: int32[B, T] or None (see `Decoder.__call__`).
           layer_cache: None (no cache: returns the output only), an empty dict (prefill:
             also returns this call's keys / values `{"k", "v"}` [B, T, K, H] in the compute
-            dtype), or `{"k", "v"}` [B, S, K, H] cached keys / values (decode: T new tokens
-            attend to the valid cached slots and causally to each other; returns the new
-            tokens' keys / values, which the caller writes into the cache).
-          cache_valid: bool[B, S], the valid cached slots (decode only).
+            dtype), or `{"k", "v"}` cached keys / values [B, S, K, H] (or the stacked
+            [L, B, S, K, H] with a static `"layer"` index) (decode: T new tokens attend to the
+            valid cached slots and causally to each other; returns the new tokens' keys /
+            values, which the caller writes into the cache).
+          cache_lengths: int32[B], the valid cached slots of each row (decode only).
 
         Returns:
           [B, T, D], or ([B, T, D], {"k", "v"} [B, T, K, H]) with a cache.
@@ -464,9 +474,10 @@ class Attention(nn.Module):
         kk = nn.with_logical_constraint(apply_rope(kk, cos, sin), (ACT_BATCH, ACT_LEN,
                                                                    ACT_KV_HEADS, None))
         v = nn.with_logical_constraint(v, (ACT_BATCH, ACT_LEN, ACT_KV_HEADS, None))
-        if layer_cache:  # decode against the cache (XLA; T is small)
-            out = cached_attention(q, kk, v, layer_cache["k"], layer_cache["v"], cache_valid,
-                                   segment_ids)
+        if layer_cache:  # decode against the cache (T is small)
+            out = cached_attention(q, kk, v, layer_cache["k"], layer_cache["v"], cache_lengths,
+                                   segment_ids, layer=layer_cache.get("layer"),
+                                   implementation=cfg.decode_attention_impl)
         else:
             # Causal by index (as HF), restricted to equal segment ids (packing / padding).
             out = dispatch.attention(q, kk, v, causal=True, segment_ids=segment_ids,
@@ -511,14 +522,14 @@ class DecoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x: Float[Array, "B T D"], cos: Float[Array, "B T H"],
                  sin: Float[Array, "B T H"], segment_ids: Int[Array, "B T"] | None,
-                 layer_cache: Mapping[str, Array] | None = None,
-                 cache_valid: Array | None = None
+                 layer_cache: Mapping[str, Any] | None = None,
+                 cache_lengths: Array | None = None
                  ) -> tuple[Float[Array, "B T D"], Any]:
         cfg = self.config
         x = nn.with_logical_constraint(x, ACT_BTD)
         h = RMSNorm(cfg.rms_eps, param_dtype=cfg.weight_dtype, name="input_layernorm")(x)
         out = Attention(cfg, name="self_attn")(h, cos, sin, segment_ids, layer_cache,
-                                               cache_valid)
+                                               cache_lengths)
         kv = None
         if layer_cache is not None:
             out, kv = out
@@ -624,24 +635,23 @@ class Decoder(nn.Module):
                                                          cfg.rope_scaling))
         decode = cache is not None and embeds.shape[1] == 1
         if cache is None:
-            layer_caches, cache_valid = None, None
+            layer_caches, cache_lengths = None, None
         elif decode:
             layer_caches = {"k": cache["k"], "v": cache["v"]}
-            slots = jnp.arange(cache["k"].shape[2], dtype=jnp.int32)
-            cache_valid = slots[None, :] < cache["lengths"][:, None]
+            cache_lengths = cache["lengths"]
         else:
-            layer_caches, cache_valid = {}, None
+            layer_caches, cache_lengths = {}, None
         hidden_states = []
-        if cfg.scan_layers:
-            x, new_kv = self.layers(x, cos, sin, segment_ids, layer_caches, cache_valid)
+        if cfg.scan_layers:  # the scan hands each layer its [B, S, K, H] slice
+            x, new_kv = self.layers(x, cos, sin, segment_ids, layer_caches, cache_lengths)
         else:
             new_kvs = []
             for i, layer in enumerate(self.layers):
                 if return_hidden_states:
                     hidden_states.append(x)
-                layer_cache = (None if layer_caches is None else
-                               jax.tree.map(lambda c, i=i: c[i], layer_caches))
-                x, kv = layer(x, cos, sin, segment_ids, layer_cache, cache_valid)
+                # Decode reads layer i of the stacked cache in place (static index).
+                layer_cache = (dict(layer_caches, layer=i) if layer_caches else layer_caches)
+                x, kv = layer(x, cos, sin, segment_ids, layer_cache, cache_lengths)
                 new_kvs.append(kv)
             new_kv = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *new_kvs)
         x = nn.with_logical_constraint(self.norm(x), ACT_BTD)
@@ -678,11 +688,16 @@ Model = Decoder
 # KV cache.
 
 
+CACHE_ALIGN = 64  # cache slots are allocated in multiples of this (the decode kernel's tile)
+
+
 def init_cache(config: DecoderConfig, batch: int, max_len: int) -> dict[str, jax.Array]:
     """An empty KV cache for `Decoder.__call__(..., cache=...)`.
 
     Layout (one stacked array per kind, for scanned and unscanned layers alike):
-      k, v: [L, B, S, K, H] in the compute dtype (S = max_len), zeros;
+      k, v: [L, B, S, K, H] in the compute dtype, zeros; S = max_len rounded up to a multiple
+        of `CACHE_ALIGN` (64), so the Pallas decode kernel tiles it (the extra slots are
+        never valid);
       lengths: int32[B], the valid slots of each row (0).
 
     Raises:
@@ -690,7 +705,8 @@ def init_cache(config: DecoderConfig, batch: int, max_len: int) -> dict[str, jax
     """
     if batch < 1 or max_len < 1:
         raise ValueError(f"batch and max_len must be positive, got {batch}, {max_len}")
-    shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+    slots = -(-max_len // CACHE_ALIGN) * CACHE_ALIGN
+    shape = (config.num_layers, batch, slots, config.num_kv_heads, config.head_dim)
     return {"k": jnp.zeros(shape, config.compute_dtype),
             "v": jnp.zeros(shape, config.compute_dtype),
             "lengths": jnp.zeros((batch,), jnp.int32)}
@@ -730,25 +746,41 @@ def _write_cache(cache: Mapping[str, jax.Array], new_kv: Mapping[str, jax.Array]
 
 
 def cached_attention(q: Float[Array, "B T N H"], k: Float[Array, "B T K H"],
-                     v: Float[Array, "B T K H"], k_cache: Float[Array, "B S K H"],
-                     v_cache: Float[Array, "B S K H"], cache_valid: Array,
-                     segment_ids: Int[Array, "B T"] | None = None
-                     ) -> Float[Array, "B T N H"]:
+                     v: Float[Array, "B T K H"], k_cache: Float[Array, "*L B S K H"],
+                     v_cache: Float[Array, "*L B S K H"], lengths: Int[Array, " B"],
+                     segment_ids: Int[Array, "B T"] | None = None, *, layer: int | None = None,
+                     implementation: str = "xla") -> Float[Array, "B T N H"]:
     """Attention of T new tokens over the valid cached slots and, causally, over themselves.
 
-    The cache is read in place (never concatenated with the new keys): scores against the
-    cache and against the new tokens are joined before one float32 softmax, as
-    `attention.dot_product_attention_ref` computes them (masks from `make_attention_mask`).
+    The cache is read in place (never concatenated with the new keys). The XLA path joins the
+    scores against the cache and against the new tokens before one float32 softmax, as
+    `attention.dot_product_attention_ref` computes them (masks from `make_attention_mask`); it
+    is the reference of the Pallas path (`kernels.decode_gpu.decode_attention`).
 
     Args:
       q: [B, T, N, H] queries (RoPE applied); k, v: [B, T, K, H] the new tokens' keys / values.
-      k_cache, v_cache: [B, S, K, H]; cache_valid: bool[B, S] slots to attend.
-      segment_ids: int32[B, T] or None; new tokens with id 0 see no other new token.
+      k_cache, v_cache: [B, S, K, H], or the stacked [L, B, S, K, H] with `layer` its static
+        index.
+      lengths: int32[B], slots 0..lengths[b]-1 of row b are attended.
+      segment_ids: int32[B, T] or None; new tokens see each other only within equal ids.
+      layer: see k_cache.
+      implementation: "xla", "pallas_gpu" (run in the Pallas interpreter off GPU, for tests)
+        or "auto" (Pallas on GPU where `decode_gpu.supported` takes the shapes, else XLA).
 
     Returns:
       [B, T, N, H] in q's dtype.
     """
     b, t, n, h = q.shape
+    on_gpu = jax.default_backend() in ("gpu", "cuda")
+    if implementation == "auto":
+        ok = decode_gpu.supported(t, n, k.shape[2], h, k_cache.shape[-3])
+        implementation = "pallas_gpu" if ok and on_gpu else "xla"
+    if implementation == "pallas_gpu":  # interpreted off GPU (tests)
+        return decode_gpu.decode_attention(q, k, v, k_cache, v_cache, lengths, layer=layer,
+                                           segment_ids=segment_ids, interpret=not on_gpu)
+    if layer is not None:
+        k_cache, v_cache = k_cache[layer], v_cache[layer]
+    cache_valid = jnp.arange(k_cache.shape[1], dtype=jnp.int32)[None, :] < lengths[:, None]
     kh, s = k.shape[2], k_cache.shape[1]
     g = n // kh
     qg = q.reshape(b, t, kh, g, h)
