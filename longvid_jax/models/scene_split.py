@@ -6,14 +6,20 @@ cosine similarity of consecutive frames' DINOv2 features) and the split / chunki
 frame is static: all its tokens are kept, the others are compressed by the Q-Former), and
 `get_max_num_frames` (how many frames fit the 8192-token context).
 
-This runs on the host (NumPy) between the vision towers and the compressor: the segmentation
-decides the token layout, which must be known before the LLM input is built. Letters: N frames,
-P tokens per frame, D feature width.
+`scene_layout` runs on the host (NumPy) between the vision towers and the compressor at
+inference, where the segmentation decides the token layout before the LLM input is built.
+`segment_starts` is the same split inside a jitted training step (a batch of videos already
+subsampled to at most `MAX_FRAMES` frames, static shapes); the model then drops the video
+slots the layout leaves unused (`video_llm.drop_unused_video_slots`). Letters: B videos,
+N / F frames, P tokens per frame, D feature width.
 """
 
 import dataclasses
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from jaxtyping import Array, Bool, Float
 
 # TDC's constants (`adapt_segment`, `prepare_inputs_labels_for_multimodal`).
 MAX_FRAMES = 224  # frames kept before the similarity is computed (uniform subsampling above)
@@ -123,3 +129,49 @@ def max_num_frames(text_len: int, *, with_audio: bool, max_frames: int = MAX_FRA
         raise ValueError(f"text_len must be >= 0, got {text_len}")
     per_frame = 38 if with_audio else 32
     return max(1, min(max_frames, (max_context - text_len - 16) // per_frame))
+
+
+def segment_starts(features: Float[Array, "B F P D"], frame_mask: Bool[Array, "B F"], *,
+                   max_num_segments: int = 24) -> Bool[Array, "B F"]:
+    """The frames that start a scene segment, in-graph: `scene_layout`'s boundaries for a batch.
+
+    For each video (its valid frames a prefix, at most `MAX_FRAMES` of them: subsample before,
+    as `scene_layout` does), the `max_num_segments` transitions between consecutive valid frames
+    with the lowest cosine similarity of their flattened features (ties: the earlier one, as
+    the stable argsort of the original) start a new segment at the later frame; videos of at
+    most `max_num_segments + 1` frames make every frame its own segment. Frame 0 always starts
+    one. Equals `scene_layout(...).split_points` read as starts (tested); the result feeds
+    `TDCCompressor(segment_starts=...)`.
+
+    Args:
+      features: float[B, F, P, D] per-frame features (TDC: DINOv2 tokens on the 24x24 grid).
+      frame_mask: bool[B, F] valid frames (a prefix of each row).
+      max_num_segments: boundaries per video (TDC stage 2/3: 24).
+
+    Returns:
+      bool[B, F], False on invalid frames.
+
+    Raises:
+      ValueError: on a non-4-D feature array, a mask of another shape or
+        max_num_segments < 1.
+    """
+    if features.ndim != 4 or frame_mask.shape != features.shape[:2]:
+        raise ValueError(f"features must be [B, F, P, D] and frame_mask [B, F]; got "
+                         f"{features.shape}, {frame_mask.shape}")
+    if max_num_segments < 1:
+        raise ValueError(f"max_num_segments must be >= 1, got {max_num_segments}")
+    b, f = frame_mask.shape
+    starts = jnp.zeros((b, f), bool).at[:, 0].set(True)
+    if f == 1:
+        return starts & frame_mask
+    x = features.reshape(b, f, -1).astype(jnp.float32)
+    norms = jnp.maximum(jnp.linalg.norm(x, axis=-1), 1e-8)
+    cos = jnp.einsum("bfd,bfd->bf", x[:, :-1], x[:, 1:]) / (norms[:, :-1] * norms[:, 1:])
+    valid = frame_mask[:, 1:] & frame_mask[:, :-1]  # transition i: frame i -> i + 1
+    k = min(max_num_segments, f - 1)
+    # Lowest similarities first; XLA's top_k puts the lower index first among equal values.
+    _, idx = jax.lax.top_k(jnp.where(valid, -cos, -jnp.inf), k)
+    chosen = jnp.take_along_axis(valid, idx, axis=1)
+    rows = jnp.arange(b)[:, None]
+    starts = starts.at[rows, idx + 1].max(chosen)
+    return starts & frame_mask

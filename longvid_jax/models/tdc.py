@@ -14,8 +14,11 @@ are in `shared/reference/ORIGINALS.md` section 1. Per video of F frames (sampled
     the others 16 Q-Former tokens each, `frame_seg` after every frame--> video tokens
   spliced at the `<image>` placeholder of the prompt --> the LLM.
 
-The scene split runs on the host between `encode_frames` and `compress` (its segmentation sets
-the token layout, which the prompt must know): `longvid_jax.models.scene_split.scene_layout`.
+At inference the scene split runs on the host between `encode_frames` and `compress` (its
+segmentation sets the token layout, which the prompt must know):
+`longvid_jax.models.scene_split.scene_layout`. A training step (`forward_batch`) splits in-graph
+(`scene_split.segment_starts`) into a prompt that reserves the largest possible number of video
+slots, and drops the slots left unused (`video_llm.drop_unused_video_slots`).
 Parameter tree: `siglip`, `dinov2`, `connector`, `compressor`, `llm` (and `beats` with audio),
 the names `convert/tdc_keys.py` imports the release into.
 
@@ -32,7 +35,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from longvid_jax.models import beats as beats_lib
-from longvid_jax.models import connectors, decoder, dinov2, qformer, sva, vit
+from longvid_jax.models import connectors, decoder, dinov2, qformer, scene_split, sva, vit
 
 TOWER_GRID = 24  # both towers' grids are interpolated to 24 x 24 before the connector
 
@@ -52,6 +55,7 @@ class TDCConfig:
       beats: `beats.BEATsConfig` of the audio tower, or None without audio.
       tower_grid: side both towers' token grids are resized to (bilinear, as the original's
         `F.interpolate`).
+      max_num_segments: scene boundaries per video (`adapt_segment`; TDC stages 2 / 3: 24).
     """
 
     siglip: vit.ViTConfig
@@ -61,6 +65,7 @@ class TDCConfig:
     llm: decoder.DecoderConfig
     beats: beats_lib.BEATsConfig | None = None
     tower_grid: int = TOWER_GRID
+    max_num_segments: int = 24
 
     def __post_init__(self):
         widths = (self.siglip.width, self.dinov2.width)
@@ -184,7 +189,8 @@ class TDCModel(nn.Module):
 
     def encode_frames(self, siglip_pixels: Float[Array, "N S1 S1 3"],
                       dino_pixels: Float[Array, "N S2 S2 3"],
-                      image_sizes: Int[Array, "N 2"] | None = None,
+                      image_sizes: Int[Array, "N 2"] | None = None, *,
+                      stop_tower_gradients: bool = False,
                       ) -> tuple[Float[Array, "N G1 D"], Int[Array, " N"], dict[str, jax.Array]]:
         """Per-frame LLM tokens of N frames (`encode_images` + SVA + unpad + `image_newline`).
 
@@ -194,6 +200,7 @@ class TDCModel(nn.Module):
           image_sizes: int32[N, 2] the frames' (height, width) in pixels before
             `expand2square`, as TDC stores them (read per `connector.swap_image_size_hw`);
             None = square frames.
+          stop_tower_gradients: treat the towers' features as constants (frozen towers).
 
         Returns:
           (tokens [N, G * (G + 1), D] in the LLM dtype, valid prefix per frame then zeros;
@@ -205,6 +212,9 @@ class TDCModel(nn.Module):
         siglip_feats = self._tower_tokens(s_aux["encoder_output"])  # pre post-LN, all layers
         dino_tokens, _ = self.dinov2(dino_pixels)
         dino_feats = self._tower_tokens(dino_tokens)
+        if stop_tower_gradients:
+            siglip_feats = jax.lax.stop_gradient(siglip_feats)
+            dino_feats = jax.lax.stop_gradient(dino_feats)
         tokens, grid, c_aux = self.connector([siglip_feats, dino_feats], image_sizes)
         out, mask = sva.newline_layout(tokens, grid, c_aux["image_newline"])
         counts = jnp.sum(mask, axis=1).astype(jnp.int32)
@@ -252,6 +262,65 @@ class TDCModel(nn.Module):
     def logits(self, hidden: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
         """float32 next-token logits."""
         return self.llm.logits(hidden)
+
+    def forward_batch(self, batch: Mapping[str, jax.Array], *, max_tokens: int | None = None,
+                      tower_gradients: bool = False,
+                      ) -> tuple[Float[Array, "B T D"], dict[str, Any]]:
+        """A training batch through the whole model, scene split included, in one graph.
+
+        Args:
+          batch: `siglip_pixels` float[B, F, S1, S1, 3], `dino_pixels` float[B, F, S2, S2, 3],
+            `frame_mask` bool[B, F] (a prefix; at most `scene_split.MAX_FRAMES` frames),
+            optional `image_sizes` int32[B, 2] (each video's (height, width) before
+            `expand2square`), `audio_tokens` float[B, F, A, Ea] (BEATs tokens per frame),
+            `qformer_text_ids` / `qformer_text_mask` [B, Tq] (the instruction in BERT ids),
+            and the prompt `input_ids`, `positions`, `segment_ids` int32[B, T], `loss_mask`
+            bool[B, T], whose `VIDEO_TOKEN_INDEX` slots (one run per row) number at least
+            the video's tokens under any split (`max_tokens`).
+          max_tokens: static size of the compressor output; default
+            `qformer.max_video_tokens(F, G * (G + 1), A, ..., max_num_segments)`.
+          tower_gradients: let gradients flow into SigLIP / DINOv2 (TDC freezes them: by
+            default their outputs are constants of the step, which skips their backward).
+
+        Returns:
+          (hidden [B, T, D] over the compacted prompt, aux) with aux `batch` (the prompt
+          fields after `drop_unused_video_slots`: compute targets from these),
+          `num_video_tokens` int32[B], `segment_starts` bool[B, F].
+        """
+        from longvid_jax.models.video_llm import drop_unused_video_slots
+
+        c = self.config
+        sig, dino = batch["siglip_pixels"], batch["dino_pixels"]
+        b, f = sig.shape[:2]
+        sizes = batch.get("image_sizes")
+        if sizes is not None:
+            sizes = jnp.repeat(sizes, f, axis=0)
+        tokens, counts, aux = self.encode_frames(
+            sig.reshape(b * f, *sig.shape[2:]), dino.reshape(b * f, *dino.shape[2:]), sizes,
+            stop_tower_gradients=not tower_gradients)
+        dino_feats = aux["dino_features"].reshape(b, f, *aux["dino_features"].shape[1:])
+        starts = scene_split.segment_starts(dino_feats, batch["frame_mask"],
+                                            max_num_segments=c.max_num_segments)
+        audio = batch.get("audio_tokens")
+        a = 0 if audio is None else audio.shape[2]
+        if max_tokens is None:
+            max_tokens = qformer.max_video_tokens(f, c.frame_slots, a, c.compressor,
+                                                  c.max_num_segments)
+        use_text = c.compressor.text_input
+        video, vmask, _ = self.compress(
+            tokens.reshape(b, f, *tokens.shape[1:]), counts.reshape(b, f)[:, 0],
+            batch["frame_mask"], segment_starts=starts, audio_tokens=audio,
+            text_ids=batch.get("qformer_text_ids") if use_text else None,
+            text_mask=batch.get("qformer_text_mask") if use_text else None,
+            max_tokens=max_tokens)
+        num_video = vmask.sum(axis=1).astype(jnp.int32)
+        prompt = drop_unused_video_slots(
+            {k: batch[k] for k in ("input_ids", "positions", "segment_ids", "loss_mask")},
+            num_video)
+        hidden, _ = self(prompt["input_ids"], prompt["positions"], prompt["segment_ids"],
+                         video)
+        return hidden, {"batch": prompt, "num_video_tokens": num_video,
+                        "segment_starts": starts}
 
     def encode_audio(self, fbank: Float[Array, "W A C"]) -> Float[Array, "W P Ea"]:
         """BEATs tokens of audio windows (TDC: 10 s windows of `input.fbank.beats_fbank`, about

@@ -123,6 +123,51 @@ def splice_video_tokens(text_embeds: jax.Array, input_ids: jax.Array,
     return jnp.where(is_video[..., None], gathered.astype(text_embeds.dtype), text_embeds)
 
 
+def drop_unused_video_slots(batch: Mapping[str, jax.Array], num_video: jax.Array,
+                            pad_id: int = 0) -> dict[str, jax.Array]:
+    """Removes the video placeholders a row does not fill and closes the gap (in-graph).
+
+    A TDC training batch reserves the largest possible number of video slots, because the
+    tokens a video yields depend on its scene split, computed inside the step
+    (`scene_split.segment_starts`). Row b keeps its first `num_video[b]` placeholders (the
+    compressor's valid tokens, in order) and every other token; the kept tokens move to the
+    front in their order (as the original builds the sequence before padding it), positions
+    are renumbered without the dropped slots, and the freed tail becomes padding (segment 0,
+    no loss, `pad_id`).
+
+    Args:
+      batch: `input_ids`, `positions`, `segment_ids` int32[B, T] and `loss_mask` bool[B, T]
+        (other [B, T, ...] per-token fields are reordered the same way); `VIDEO_TOKEN_INDEX`
+        marks placeholders.
+      num_video: int32[B] valid video tokens per row (`TDCCompressor`'s mask sum), at most
+        the row's placeholder count.
+      pad_id: id written into the freed tail.
+
+    Returns:
+      The same fields, compacted.
+    """
+    ids = batch["input_ids"]
+    t = ids.shape[1]
+    is_video = ids == VIDEO_TOKEN_INDEX
+    rank = jnp.cumsum(is_video, axis=1) - 1
+    keep = ~is_video | (rank < num_video[:, None])
+    order = jnp.argsort(~keep, axis=1, stable=True)  # kept tokens first, in order
+    valid = jnp.arange(t)[None, :] < keep.sum(axis=1, keepdims=True)
+    dropped_before = jnp.cumsum(~keep, axis=1) - (~keep)
+
+    def take(x):
+        idx = order.reshape(order.shape + (1,) * (x.ndim - 2))
+        return jnp.take_along_axis(x, idx, axis=1)
+
+    out = {k: take(v) for k, v in batch.items()
+           if k not in ("positions",) and v.ndim >= 2 and v.shape[1] == t}
+    out["positions"] = jnp.where(valid, take(batch["positions"] - dropped_before), 0)
+    out["input_ids"] = jnp.where(valid, out["input_ids"], pad_id)
+    out["segment_ids"] = jnp.where(valid, out["segment_ids"], 0)
+    out["loss_mask"] = valid & out["loss_mask"]
+    return out
+
+
 class VideoLLM(nn.Module):
     """TDC-style audio-visual LLM (Hoar012/TDC-Video `CambrianQwenForCausalLM`, simplified to one
     vision tower with pooling in place of the SVA connector)."""

@@ -1,5 +1,8 @@
 """TDC scene split and chunk layout against `../shared/fixtures/tdc_scene_split`."""
 
+import functools
+
+import jax
 import numpy as np
 import pytest
 
@@ -45,3 +48,33 @@ def test_max_num_frames_rule_and_errors():
         scene_split.max_num_frames(-1, with_audio=False)
     with pytest.raises(ValueError, match="N, P, D"):
         scene_split.scene_layout(np.zeros((0, 2, 2)))
+
+
+def _host_starts(features, n, max_num_segments):
+    layout = scene_split.scene_layout(features[:n], max_num_segments=max_num_segments)
+    starts = np.zeros(features.shape[0], bool)
+    points = layout.split_points[:-1]
+    starts[points[points < n]] = True
+    return starts
+
+
+def test_in_graph_segment_starts_equal_host_layout():
+    """`segment_starts` (jitted, a batch with different valid lengths) == `scene_layout`'s
+    split points: long videos, one of exactly max + 2 frames, a short one (every frame a
+    segment), one frame, and exact ties (frames drawn from 3 orthogonal vectors: similarities
+    0 or 1, the earlier transition wins as in the stable argsort)."""
+    rng = np.random.default_rng(3)
+    f = 40
+    random = rng.standard_normal((5, f, 4, 6)).astype(np.float32)
+    basis = np.eye(3, 24, dtype=np.float32).reshape(3, 4, 6)
+    tied = basis[rng.integers(0, 3, (2, f))] * rng.uniform(0.5, 2.0, (2, f, 1, 1))
+    features = np.concatenate([random, tied.astype(np.float32)])
+    lengths = np.array([40, 33, 26, 5, 1, 40, 29])
+    mask = np.arange(f)[None] < lengths[:, None]
+    got = np.asarray(jax.jit(functools.partial(scene_split.segment_starts, max_num_segments=24))(
+        features, mask))
+    for r, n in enumerate(lengths):
+        np.testing.assert_array_equal(got[r], _host_starts(features[r], n, 24), err_msg=str(r))
+    assert got[2].sum() == 25 and got[3].sum() == 5 and not got[~mask].any()
+    with pytest.raises(ValueError, match="frame_mask"):
+        scene_split.segment_starts(features, mask[:, :10])

@@ -123,3 +123,73 @@ def test_video_through_scene_split_compressor_and_llm():
     assert np.abs(np.asarray(logits2[0, 2:]) - np.asarray(logits[0, 2:])).max() > 1e-4
     np.testing.assert_array_equal(np.asarray(logits2[0, :2]), np.asarray(logits[0, :2]))
     assert audio_tokens.shape[0] == 2 and audio_tokens.shape[-1] == 32
+
+
+def test_forward_batch_splits_in_graph_as_the_host_path():
+    """`forward_batch` (in-graph scene split, reserved video slots compacted) gives the hidden
+    states of the host path (`scene_layout`, exact placeholder count) for two videos of
+    different lengths, and gradients reach the compressor and LLM but not the towers."""
+    cfg, _, params = _setup()
+    cfg = dataclasses.replace(cfg, max_num_segments=3)
+    model = tdc.TDCModel(cfg)
+    f, valid = 30, (30, 20)
+    rng = np.random.default_rng(7)
+    sig = rng.standard_normal((2, f, 32, 32, 3)).astype(np.float32)
+    dino = rng.standard_normal((2, f, 32, 32, 3)).astype(np.float32)
+    audio = rng.standard_normal((2, f, 5, 32)).astype(np.float32)
+    qids = rng.integers(1, cfg.compressor.qformer.vocab_size, (2, 6)).astype(np.int32)
+    sizes = np.array([[90, 160], [160, 90]], np.int32)
+    n_max = tdc.qformer.max_video_tokens(f, cfg.frame_slots, 5, cfg.compressor, 3)
+    head, tail = [3, 4], [5, 6, 7]
+    t = len(head) + n_max + len(tail) + 4
+    ids = np.zeros((2, t), np.int32)
+    ids[:, :2], ids[:, 2:2 + n_max], ids[:, 2 + n_max:5 + n_max] = head, VIDEO_TOKEN_INDEX, tail
+    seg = np.zeros((2, t), np.int32)
+    seg[:, :5 + n_max] = 1
+    loss_mask = np.zeros((2, t), bool)
+    loss_mask[:, 3 + n_max:5 + n_max] = True
+    batch = {"siglip_pixels": sig, "dino_pixels": dino,
+             "frame_mask": np.arange(f)[None] < np.array(valid)[:, None], "image_sizes": sizes,
+             "audio_tokens": audio, "qformer_text_ids": qids, "input_ids": ids,
+             "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (2, t)),
+             "segment_ids": seg, "loss_mask": loss_mask}
+    hidden, aux = jax.jit(lambda p: model.apply({"params": p}, batch,
+                                                method=tdc.TDCModel.forward_batch))(params)
+    for r in range(2):
+        n_f = valid[r]
+        tokens, counts, eaux = model.apply({"params": params}, sig[r, :n_f], dino[r, :n_f],
+                                           np.repeat(sizes[r:r + 1], n_f, 0),
+                                           method=tdc.TDCModel.encode_frames)
+        layout = scene_split.scene_layout(np.asarray(eaux["dino_features"]), max_num_segments=3)
+        starts = np.zeros((1, n_f), bool)
+        starts[0, layout.split_points[:-1][layout.split_points[:-1] < n_f]] = True
+        np.testing.assert_array_equal(np.asarray(aux["segment_starts"][r, :n_f]), starts[0])
+        video, vmask, _ = model.apply(
+            {"params": params}, tokens[None], counts[:1], np.ones((1, n_f), bool),
+            segment_starts=starts, audio_tokens=audio[r:r + 1, :n_f], text_ids=qids[r:r + 1],
+            max_tokens=n_max, method=tdc.TDCModel.compress)
+        n = int(vmask.sum())
+        assert int(aux["num_video_tokens"][r]) == n
+        prompt = np.array([head + [VIDEO_TOKEN_INDEX] * n + tail], np.int32)
+        length = prompt.shape[1]
+        ref, _ = model.apply({"params": params}, prompt, np.arange(length)[None], None, video)
+        compact = aux["batch"]
+        np.testing.assert_array_equal(np.asarray(compact["input_ids"][r, :length]), prompt[0])
+        np.testing.assert_array_equal(np.asarray(compact["positions"][r, :length]),
+                                      np.arange(length))
+        assert not bool(compact["segment_ids"][r, length:].any())
+        assert np.asarray(compact["loss_mask"][r]).nonzero()[0].tolist() == [length - 2,
+                                                                            length - 1]
+        np.testing.assert_allclose(np.asarray(hidden[r, :length]), np.asarray(ref[0]),
+                                   atol=2e-4, rtol=2e-4)
+    assert int(aux["num_video_tokens"][0]) != int(aux["num_video_tokens"][1])
+
+    def loss(p):
+        h, _ = model.apply({"params": p}, batch, method=tdc.TDCModel.forward_batch)
+        return jnp.mean(h.astype(jnp.float32) ** 2)
+
+    grads = jax.jit(jax.grad(loss))(params)
+    norms = {k: float(sum(jnp.abs(x).sum() for x in jax.tree.leaves(v)))
+             for k, v in grads.items()}
+    assert norms["siglip"] == 0 and norms["dinov2"] == 0
+    assert norms["compressor"] > 0 and norms["llm"] > 0 and norms["connector"] > 0
