@@ -675,14 +675,13 @@ def tdc_predictor(checkpoint: str, tokenizer: str = "qwen2", bert_vocab: str | N
     Raises:
       ValueError: a missing tower, or no `bert_vocab` for a compressor that reads text.
     """
-    import transformers  # pylint: disable=import-outside-toplevel
 
     from convert import tdc_keys  # pylint: disable=import-outside-toplevel
     from longvid_jax import tdc_infer  # pylint: disable=import-outside-toplevel
     from longvid_jax.input import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
 
     params, configs = tdc_keys.load_orbax(checkpoint)
-    bert = (transformers.BertTokenizerFast(vocab_file=bert_vocab, do_lower_case=True)
+    bert = (tokenizer_lib.wordpiece_tokenizer(bert_vocab)
             if bert_vocab else None)
     return tdc_infer.TDCPredictor(params, configs, tokenizer_lib.load_tokenizer(tokenizer),
                                   bert_tokenizer=bert, log=io.StringIO())

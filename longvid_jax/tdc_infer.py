@@ -53,15 +53,6 @@ def model_config(configs: Mapping[str, Any]) -> tdc.TDCConfig:
                          tower_grid=configs["connector"].tower_grids[0])
 
 
-def _pixels(frames: np.ndarray, side: int, mean, std) -> np.ndarray:
-    """uint8[F, H, W, 3] -> expand2square (fill = mean x 255), resized to side, normalised."""
-    square = decode.expand2square(frames, tuple(int(m * 255) for m in mean))
-    x = square.astype(np.float32) / 255.0
-    if x.shape[1] != side:
-        x = np.asarray(jax.image.resize(x, (x.shape[0], side, side, 3), "bicubic"))
-    return (np.clip(x, 0.0, 1.0) - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-
-
 def frame_audio_tokens(tokens: np.ndarray, times: np.ndarray, freq_patches: int,
                        seconds_per_patch: float) -> np.ndarray:
     """Per-frame audio tokens: each kept frame takes the time patches that start in its second
@@ -172,8 +163,8 @@ class TDCPredictor:
         frames, stamps = clip.frames[idx], clip.timestamps[idx]
         n = len(frames)
         dino_side = c.dinov2.patch_size * c.siglip.grid
-        sig_px = _pixels(frames, c.siglip.image_size, SIGLIP_MEAN, SIGLIP_STD)
-        dino_px = _pixels(frames, dino_side, DINO_MEAN, DINO_STD)
+        sig_px = decode.tower_pixels(frames, c.siglip.image_size, SIGLIP_MEAN, SIGLIP_STD)
+        dino_px = decode.tower_pixels(frames, dino_side, DINO_MEAN, DINO_STD)
         sizes = np.broadcast_to(np.asarray(frames.shape[1:3], np.int32), (n, 2))
         wave = decode.load_audio(video, sample_rate=SAMPLE_RATE) if c.beats else None
         times["decode"] = time.perf_counter() - t
@@ -281,7 +272,6 @@ def main(argv) -> None:
     del argv
     import sys
 
-    import transformers
     from absl import flags
 
     from convert import tdc_keys
@@ -291,7 +281,7 @@ def main(argv) -> None:
     params, configs = tdc_keys.load_orbax(f.checkpoint)
     bert = None
     if f.bert_vocab:
-        bert = transformers.BertTokenizerFast(vocab_file=f.bert_vocab, do_lower_case=True)
+        bert = tokenizer_lib.wordpiece_tokenizer(f.bert_vocab)
     pred = TDCPredictor(params, configs, tokenizer_lib.load_tokenizer(f.tokenizer),
                         bert_tokenizer=bert, max_frames=f.max_frames, log=sys.stderr)
     out = pred.answer(f.video, f.question, max_new_tokens=f.max_new_tokens,

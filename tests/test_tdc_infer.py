@@ -11,7 +11,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import transformers
 
 from convert import decoder_keys, qformer_keys, sva_keys, tdc_keys
 from longvid_jax import tdc_infer
@@ -49,7 +48,8 @@ def predictor(tmp_path_factory):
     vocab = os.path.join(root, "vocab.txt")
     with open(vocab, "w") as f:  # a WordPiece vocabulary inside the tiny Q-Former's 49 ids
         f.write("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    bert = transformers.BertTokenizerFast(vocab_file=vocab, do_lower_case=True)
+    bert = tokenizer_lib.wordpiece_tokenizer(vocab)
+    assert bert("What is the bird doing?")["input_ids"] == [2, 5, 6, 7, 8, 9, 13, 3]  # no [UNK]
     log = io.StringIO()
     pred = tdc_infer.TDCPredictor(params, configs, tokenizer_lib.qwen2_tokenizer(),
                                   bert_tokenizer=bert, encode_chunk=8, log=log)

@@ -133,6 +133,24 @@ def expand2square(frames: np.ndarray, fill) -> np.ndarray:
     return out
 
 
+def tower_pixels(frames: np.ndarray, side: int, mean, std) -> np.ndarray:
+    """A vision tower's input from decoded frames, as LLaVA / Cambrian / TDC prepare images.
+
+    uint8[F, H, W, 3] -> `expand2square` (fill = the tower's mean x 255) -> bicubic resize to
+    side x side (`jax.image.resize`, on the host) -> clip to [0, 1] -> (x - mean) / std.
+
+    Returns:
+      float32[F, side, side, 3].
+    """
+    square = expand2square(frames, tuple(int(m * 255) for m in mean))
+    x = square.astype(np.float32) / 255.0
+    if x.shape[1] != side:
+        import jax  # only here: the rest of this module runs without it
+
+        x = np.asarray(jax.image.resize(x, (x.shape[0], side, side, 3), "bicubic"))
+    return (np.clip(x, 0.0, 1.0) - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+
+
 _COPY_BUG = "DECORDArrayCopyFromTo"
 
 

@@ -10,7 +10,9 @@ Lq = qformer_text_len):
   audio_mel float32[B, F, C, 100], audio_mask bool[B, F], input_ids int32[B, T] (video
   placeholders = chat.VIDEO_TOKEN_INDEX, padding = the tokenizer's pad id), loss_mask bool[B, T],
   segment_ids int32[B, T], positions int32[B, T], qformer_text_ids int32[B, Lq],
-  qformer_text_mask bool[B, Lq], record_index int32[B] (-1 on padding rows), num_skipped int32[].
+  qformer_text_mask bool[B, Lq], record_index int32[B] (-1 on padding rows), num_skipped int32[];
+  with `tower_views`, also one float32[B, F, S_v, S_v, 3] array per view and image_sizes
+  int32[B, 2].
 
 Workers (`num_workers > 0`) are Grain's mp_prefetch processes; absl flags must be parsed first
 (the trainer runs under `absl.app.run`; elsewhere call `absl.flags.FLAGS(["prog"])`).
@@ -52,6 +54,14 @@ class PipelineConfig:
         length_buckets: ascending text lengths that batches are padded to; longer examples are
             truncated to the largest.
         qformer_text_len: Lq, tokens of the question for the Q-Former (0 = none).
+        qformer_tokenizer: the Q-Former's own tokenizer: the path of a BERT `vocab.txt`
+            (uncased WordPiece with [CLS] / [SEP], as TDC's bert-base-uncased), or None to
+            give it the LLM tokenizer's ids.
+        tower_views: extra vision tower inputs, each `(key, side, mean, std)`, for models with
+            several towers (TDC: DINOv2 at 378 px beside SigLIP's `frames`). When given, every
+            view, `frames` included, is made from the same aspect-preserving decode by
+            `decode.tower_pixels` (`expand2square` with that tower's mean, bicubic resize),
+            and `image_sizes` holds the decoded (height, width).
         batch_size: B, examples per batch (per process).
         num_workers: Grain worker processes (0: decode in the main process).
         prefetch_buffer: examples prefetched per process (threads) and per worker.
@@ -77,6 +87,8 @@ class PipelineConfig:
     system: str | None = None
     length_buckets: tuple[int, ...] = (256, 512, 1024)
     qformer_text_len: int = 32
+    qformer_tokenizer: str | None = None
+    tower_views: tuple = ()
     batch_size: int = 2
     num_workers: int = 0
     prefetch_buffer: int = 2
@@ -90,6 +102,14 @@ class PipelineConfig:
     def __post_init__(self):
         for name in ("image_mean", "image_std", "length_buckets"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
+        views = []
+        for view in self.tower_views:
+            if len(view) != 4 or len(view[2]) != 3 or len(view[3]) != 3 or int(view[1]) < 1:
+                raise ValueError(f"tower_views entries are (key, side, mean[3], std[3]); got "
+                                 f"{view!r}")
+            views.append((str(view[0]), int(view[1]), tuple(map(float, view[2])),
+                          tuple(map(float, view[3]))))
+        object.__setattr__(self, "tower_views", tuple(views))
         if not self.annotations:
             raise ValueError("PipelineConfig.annotations (the annotation file) is required")
         buckets = self.length_buckets

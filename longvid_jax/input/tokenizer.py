@@ -234,6 +234,38 @@ def load_tokenizer(spec: str):
     return _load_local(os.path.abspath(spec))
 
 
+@functools.lru_cache(maxsize=4)
+def wordpiece_tokenizer(vocab_file: str) -> transformers.PreTrainedTokenizerFast:
+    """BERT's uncased WordPiece tokenizer from a `vocab.txt` (bert-base-uncased: TDC's and
+    LongVU's Q-Former text), `[CLS] ... [SEP]` added by calls; cached per process and file.
+
+    Raises:
+      ValueError: the file does not exist.
+    """
+    if not os.path.isfile(vocab_file):
+        raise ValueError(f"WordPiece vocabulary {vocab_file!r} does not exist (bert-base-uncased "
+                         f"vocab.txt)")
+    # Built from the `tokenizers` parts (BERT's normaliser, pre-tokeniser and [CLS] / [SEP]
+    # template) rather than `BertTokenizerFast(vocab_file=...)`, whose keyword transformers 5
+    # renamed (`vocab=`), silently giving a tokenizer of the special tokens only.
+    with open(vocab_file, encoding="utf-8") as f:
+        vocab = {line.rstrip("\n"): i for i, line in enumerate(f) if line.rstrip("\n")}
+    special = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+    missing = [t for t in special if t not in vocab]
+    if missing:
+        raise ValueError(f"{vocab_file}: not a BERT vocabulary, it lacks {missing}")
+    tok = tokenizers.Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+    tok.decoder = decoders.WordPiece()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+        sep_token="[SEP]", mask_token="[MASK]")
+
+
 def _has_sentencepiece() -> bool:
     try:
         import sentencepiece  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import

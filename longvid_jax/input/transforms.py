@@ -58,8 +58,11 @@ class DecodeExample(grain.transforms.Map):
       audio_mask bool[F]: window has real audio (all False without an audio track);
       input_ids int32[T], loss_mask bool[T]: `chat.tokenize_conversation` with
         `num_video_tokens(n)` placeholders, truncated to max(length_buckets);
-      qformer_text_ids int32[Lq], qformer_text_mask bool[Lq]: `chat.question_text` tokenized,
-        truncated, padded with the pad id; record_index int32[] (position in the file).
+      qformer_text_ids int32[Lq], qformer_text_mask bool[Lq]: `chat.question_text` tokenized
+        (by `cfg.qformer_tokenizer` when set, else the LLM tokenizer), truncated, padded;
+        record_index int32[] (position in the file);
+      with `cfg.tower_views`: one float32[F, S_v, S_v, 3] per view (padding frames 0) and
+        image_sizes int32[2], the decoded frames' (height, width).
     A record that fails (`VideoDecodeError`, `AnnotationError`, any ValueError while
     tokenizing) becomes `{ERROR_KEY: message, "video", "index"}` for the batcher to skip.
 
@@ -89,13 +92,28 @@ class DecodeExample(grain.transforms.Map):
         num_max, side = cfg.max_frames, cfg.image_size
         mean = np.asarray(cfg.image_mean, np.float32)
         std = np.asarray(cfg.image_std, np.float32)
-        clip = decode.load_video(
-            record["video"], fps=cfg.fps, max_frames=num_max, size=side, pad_to_square=True,
-            fill=tuple(int(m * 255) for m in cfg.image_mean), num_threads=cfg.decode_threads,
-        )
-        n = clip.frames.shape[0]
-        frames = np.zeros((num_max, side, side, 3), np.float32)
-        frames[:n] = (clip.frames.astype(np.float32) / 255.0 - mean) / std
+        views = {}
+        if cfg.tower_views:  # one aspect-preserving decode, each tower prepared from it
+            largest = max([side] + [v[1] for v in cfg.tower_views])
+            clip = decode.load_video(record["video"], fps=cfg.fps, max_frames=num_max,
+                                     size=largest, pad_to_square=False,
+                                     num_threads=cfg.decode_threads)
+            n = clip.frames.shape[0]
+            for key, v_side, v_mean, v_std in ((("frames", side, cfg.image_mean, cfg.image_std),)
+                                               + cfg.tower_views):
+                views[key] = np.zeros((num_max, v_side, v_side, 3), np.float32)
+                views[key][:n] = decode.tower_pixels(clip.frames, v_side, v_mean, v_std)
+            views["image_sizes"] = np.asarray(clip.frames.shape[1:3], np.int32)
+            frames = views.pop("frames")
+        else:
+            clip = decode.load_video(
+                record["video"], fps=cfg.fps, max_frames=num_max, size=side,
+                pad_to_square=True, fill=tuple(int(m * 255) for m in cfg.image_mean),
+                num_threads=cfg.decode_threads,
+            )
+            n = clip.frames.shape[0]
+            frames = np.zeros((num_max, side, side, 3), np.float32)
+            frames[:n] = (clip.frames.astype(np.float32) / 255.0 - mean) / std
         frame_mask = np.arange(num_max) < n
         timestamps = np.zeros((num_max,), np.float32)
         timestamps[:n] = clip.timestamps
@@ -119,18 +137,23 @@ class DecodeExample(grain.transforms.Map):
         ids, mask = truncate_text(text["input_ids"], text["loss_mask"], max(cfg.length_buckets),
                                   what)
         q_len = cfg.qformer_text_len
-        q_ids = np.full((q_len,), pad_id(tok), np.int32)
+        q_tok = (tokenizer_lib.wordpiece_tokenizer(cfg.qformer_tokenizer)
+                 if cfg.qformer_tokenizer else tok)
+        q_ids = np.full((q_len,), pad_id(q_tok), np.int32)
         q_mask = np.zeros((q_len,), bool)
         if q_len:
-            q = tok.encode(chat.question_text(record["conversations"]),
-                           add_special_tokens=False)[:q_len]
+            question = chat.question_text(record["conversations"])
+            if cfg.qformer_tokenizer:  # [CLS] question [SEP], as TDC's BERT tokenizer call
+                q = q_tok(question, truncation=True, max_length=q_len)["input_ids"]
+            else:
+                q = tok.encode(question, add_special_tokens=False)[:q_len]
             q_ids[: len(q)], q_mask[: len(q)] = q, True
         return {
             "frames": frames, "frame_mask": frame_mask, "timestamps": timestamps,
             "audio_mel": audio_mel, "audio_mask": audio_mask,
             "input_ids": ids.astype(np.int32), "loss_mask": mask.astype(bool),
             "qformer_text_ids": q_ids, "qformer_text_mask": q_mask,
-            "record_index": np.int32(record["_index"]),
+            "record_index": np.int32(record["_index"]), **views,
         }
 
 

@@ -213,3 +213,37 @@ def test_config_from_dict():
         pipeline.PipelineConfig(annotations="a", length_buckets=(16, 8))
     with pytest.raises(ValueError, match="process_index"):
         pipeline.make_dataset(cfg, num_video_tokens=video_tokens, process_index=2, process_count=2)
+
+
+def test_tower_views_and_wordpiece_qformer_text(tmp_path, media_dir, qwen2):
+    """TDC's inputs: a DINOv2 view beside SigLIP's frames, both from one aspect-preserving
+    decode through `decode.tower_pixels` with their own means; the decoded size; the question
+    in BERT WordPiece ids ([CLS] ... [SEP], lower-cased)."""
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "what", "is", "typed", "?"]
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    dino_mean, dino_std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    cfg = pipeline.PipelineConfig(
+        annotations="unused.json", max_frames=4, image_size=32, num_mel_bins=0,
+        length_buckets=(128,), qformer_text_len=8,
+        qformer_tokenizer=str(tmp_path / "vocab.txt"),
+        tower_views=[["dino_frames", 28, list(dino_mean), list(dino_std)]])
+    record = {"video": str(media_dir / "movie-hello.mp4"), "conversations": CONVS[2],
+              "_index": 0, "_source": "inline"}
+    ex = DecodeExample(cfg=cfg, num_video_tokens=video_tokens).map(record)
+    assert "_failed" not in ex, ex
+    n = int(ex["frame_mask"].sum())
+    clip = decode.load_video(record["video"], fps=1.0, max_frames=4, size=32,
+                             pad_to_square=False)
+    assert n == len(clip.frames) and ex["image_sizes"].tolist() == list(clip.frames.shape[1:3])
+    assert clip.frames.shape[1] != clip.frames.shape[2]  # a non-square clip: padding matters
+    np.testing.assert_allclose(ex["frames"][:n], decode.tower_pixels(clip.frames, 32, (0.5,) * 3,
+                                                                     (0.5,) * 3), atol=1e-6)
+    want = decode.tower_pixels(clip.frames, 28, dino_mean, dino_std)
+    assert ex["dino_frames"].shape == (4, 28, 28, 3)
+    np.testing.assert_allclose(ex["dino_frames"][:n], want, atol=1e-6)
+    # The padding band has each tower's own mean: 0 after its normalisation.
+    assert np.abs(ex["dino_frames"][0, 0, 14]).max() < 0.02 and np.abs(ex["frames"][0, 0, 16]).max() < 0.01
+    assert ex["qformer_text_ids"].tolist() == [2, 5, 6, 7, 8, 3, 0, 0]
+    assert ex["qformer_text_mask"].tolist() == [True] * 6 + [False] * 2
+    with pytest.raises(ValueError, match="tower_views"):
+        pipeline.PipelineConfig(annotations="a", tower_views=[("x", 8, (0.5,), (0.5,))])

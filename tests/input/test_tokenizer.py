@@ -200,3 +200,23 @@ def test_unloadable_folders_name_the_folder(tmp_path):
     if not tokenizer_lib._has_sentencepiece():
         with pytest.raises(ValueError, match=f"in {unigram}.*needs the sentencepiece package"):
             tokenizer_lib.load_tokenizer(str(unigram))
+
+
+def test_wordpiece_tokenizer_for_the_qformer(tmp_path):
+    """bert-base-uncased's WordPiece from a vocab.txt: lower-cased, split into ## pieces,
+    [CLS] ... [SEP]; a missing file or a vocabulary without BERT's specials is an error."""
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "what", "is", "the", "cock", "##atoo",
+             "doing", "?", "."]
+    (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
+    tok = tokenizer_lib.wordpiece_tokenizer(str(tmp_path / "vocab.txt"))
+    enc = tok("What is the Cockatoo doing?", truncation=True, max_length=16)
+    assert enc["input_ids"] == [2, 5, 6, 7, 8, 9, 10, 11, 3]
+    assert tok("what is the cockatoo doing ?", truncation=True, max_length=4)["input_ids"] == [
+        2, 5, 6, 3]
+    assert tok.pad_token_id == 0 and tok.convert_tokens_to_ids("zebra") == 1
+    assert tok("a zebra")["input_ids"] == [2, 1, 1, 3]
+    with pytest.raises(ValueError, match="does not exist"):
+        tokenizer_lib.wordpiece_tokenizer(str(tmp_path / "missing.txt"))
+    (tmp_path / "bad.txt").write_text("hello\nworld\n")
+    with pytest.raises(ValueError, match="lacks"):
+        tokenizer_lib.wordpiece_tokenizer(str(tmp_path / "bad.txt"))
