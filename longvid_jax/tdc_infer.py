@@ -29,8 +29,8 @@ from longvid_jax.infer import PROMPT_BUCKET, pad_id, stop_token_ids
 from longvid_jax.input import chat, decode, fbank
 from longvid_jax.models import qformer, scene_split, tdc
 
-SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
-DINO_MEAN, DINO_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+SIGLIP_MEAN, SIGLIP_STD, DINO_MEAN, DINO_STD = (tdc.SIGLIP_MEAN, tdc.SIGLIP_STD, tdc.DINO_MEAN,
+                                                tdc.DINO_STD)
 AUDIO_WINDOW_S = 10  # BEATs runs over 10-second windows
 AUDIO_TOKENS_PER_FRAME = 50
 QFORMER_TEXT_LEN = 256

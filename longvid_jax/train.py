@@ -30,7 +30,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from longvid_jax import checkpoints, distributed, losses, optim, sharding
+from longvid_jax import checkpoints, distributed, losses, model_families, optim, sharding
 from longvid_jax.input import pipeline
 from longvid_jax.input import tokenizer as tokenizer_lib
 from longvid_jax.models import lora, video_llm
@@ -47,23 +47,10 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
 def example_batch(model_cfg: video_llm.VideoLLMConfig, input_cfg, *, batch: int = 1,
                   text_len: int = 8) -> dict[str, np.ndarray]:
-    """A zero batch with the shapes the pipeline produces (for `init` and `eval_shape`)."""
-    f, s = input_cfg.max_frames, input_cfg.image_size
-    out = {
-        "frames": np.zeros((batch, f, s, s, 3), np.float32),
-        "frame_mask": np.ones((batch, f), bool),
-        "timestamps": np.zeros((batch, f), np.float32),
-        "audio_mel": np.zeros((batch, f, input_cfg.num_mel_bins,
-                               video_llm.MEL_FRAMES_PER_SECOND), np.float32),
-        "audio_mask": np.ones((batch, f), bool),
-        "input_ids": np.zeros((batch, text_len), np.int32),
-        "loss_mask": np.zeros((batch, text_len), bool),
-        "segment_ids": np.ones((batch, text_len), np.int32),
-        "positions": np.broadcast_to(np.arange(text_len, dtype=np.int32), (batch, text_len)),
-    }
-    out["qformer_text_ids"] = np.zeros((batch, input_cfg.qformer_text_len), np.int32)
-    out["qformer_text_mask"] = np.ones((batch, input_cfg.qformer_text_len), bool)
-    return out
+    """A zero `VideoLLM` batch with the pipeline's shapes (see
+    `model_families.VideoLLMFamily.example_batch`)."""
+    return model_families.VideoLLMFamily(model_cfg).example_batch(input_cfg, batch=batch,
+                                                                  text_len=text_len)
 
 
 @dataclasses.dataclass
@@ -77,23 +64,30 @@ class Trainer:
     config: ml_collections.ConfigDict
     mesh: jax.sharding.Mesh
     rules: tuple
-    model_cfg: video_llm.VideoLLMConfig
-    model: video_llm.VideoLLM
+    family: Any  # a `model_families` family: module, config, batch shapes, forward
     tx: optax.GradientTransformation
     schedule: optax.Schedule
     state_shardings: Any
     abstract_state: Any
 
+    @property
+    def model(self) -> nn.Module:
+        return self.family.module
+
+    @property
+    def model_cfg(self):
+        return self.family.config
+
     @classmethod
     def create(cls, config, devices=None) -> "Trainer":
         mesh = sharding.make_mesh(config.mesh, devices, config.get("dcn_mesh"))
         rules = sharding.check_rules(config.sharding_rules, mesh)
-        model_cfg = video_llm.make_config(config.model)
-        model = video_llm.VideoLLM(model_cfg)
-        dummy = example_batch(model_cfg, config.input)
+        family = model_families.from_config(config.model)
+        dummy = family.example_batch(config.input)
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules), lora.lora_context(
                 config.get("lora")):
-            boxed = jax.eval_shape(lambda r: model.init(r, dummy)["params"], jax.random.key(0))
+            boxed = jax.eval_shape(lambda r: family.init(r, dummy)["params"],
+                                   jax.random.key(0))
         param_sh = sharding.tree_shardings(boxed, mesh, rules)
         abstract_params = nn.unbox(boxed)
         tx, schedule = optim.make_optimizer(config.optim, abstract_params, config.total_steps)
@@ -103,15 +97,14 @@ class Trainer:
         state_sh = {"params": param_sh, "opt_state": opt_sh, "step": replicated}
         abstract_state = {"params": abstract_params, "opt_state": abstract_opt,
                           "step": jax.ShapeDtypeStruct((), jnp.int32)}
-        return cls(config, mesh, rules, model_cfg, model, tx, schedule, state_sh,
-                   abstract_state)
+        return cls(config, mesh, rules, family, tx, schedule, state_sh, abstract_state)
 
     def init_state(self, seed: int) -> dict:
         """Initial train state, created directly in its shardings (never whole on one device)."""
-        dummy = example_batch(self.model_cfg, self.config.input)
+        dummy = self.family.example_batch(self.config.input)
 
         def init(rng):
-            params = nn.unbox(self.model.init(rng, dummy)["params"])
+            params = nn.unbox(self.family.init(rng, dummy)["params"])
             return {"params": params, "opt_state": self.tx.init(params),
                     "step": jnp.zeros((), jnp.int32)}
 
@@ -126,27 +119,34 @@ class Trainer:
         (`losses.chunked_lm_loss`) and never exist for the whole batch at once. `rng` is the
         'dropout' key (LoRA dropout acts only inside `lora_context(..., deterministic=False)`).
         """
-        targets, weights = losses.next_token_targets(batch["input_ids"], batch["loss_mask"],
-                                                     batch["segment_ids"])
         rngs = {"dropout": rng} if rng is not None else None
+        family = self.family
+
+        def targets_of(prompt):  # the prompt the model saw (TDC compacts its video slots)
+            return losses.next_token_targets(prompt["input_ids"], prompt["loss_mask"],
+                                             prompt["segment_ids"])
+
         if self.config.loss_chunk:
             def forward(module, b):
-                hidden, _ = module(b)
-                return hidden, module.llm.head_weight()
+                hidden, prompt = family.forward(module, b)
+                return hidden, module.llm.head_weight(), prompt
 
-            hidden, head = self.model.apply({"params": params}, batch, method=forward,
-                                            rngs=rngs)
+            hidden, head, prompt = self.model.apply({"params": params}, batch, method=forward,
+                                                    rngs=rngs)
+            targets, weights = targets_of(prompt)
             nll, count = losses.chunked_lm_loss(hidden, head, targets, weights,
                                                 chunk_size=self.config.loss_chunk,
-                                                dtype=self.model_cfg.llm.compute_dtype,
+                                                dtype=family.llm.compute_dtype,
                                                 logits_dtype=self.config.get(
                                                     "loss_logits_dtype", "float32"))
         else:
             def forward(module, b):
-                hidden, _ = module(b)
-                return module.logits(hidden)
+                hidden, prompt = family.forward(module, b)
+                return module.logits(hidden), prompt
 
-            logits = self.model.apply({"params": params}, batch, method=forward, rngs=rngs)
+            logits, prompt = self.model.apply({"params": params}, batch, method=forward,
+                                              rngs=rngs)
+            targets, weights = targets_of(prompt)
             nll, count = losses.lm_loss(logits, targets, weights)
         return nll / jnp.maximum(count, 1.0), (nll, count)
 
@@ -231,34 +231,20 @@ class Trainer:
                 for k, v in batch.items()}
 
 
-def check_placeholders(batch: dict[str, np.ndarray], model_cfg) -> None:
-    """Host-side check that every row has as many video placeholders as video tokens.
-
-    Raises:
-      ValueError: a mismatch (a pipeline bug: the splice would misplace tokens).
-    """
-    have = (batch["input_ids"] == video_llm.VIDEO_TOKEN_INDEX).sum(axis=1)
-    frames = batch["frame_mask"].sum(axis=1)
-    want = np.array([video_llm.num_video_tokens(model_cfg, int(f)) for f in frames])
-    if not np.array_equal(have, want):
-        raise ValueError(f"video placeholders per row {have.tolist()} != video tokens "
-                         f"{want.tolist()} for {frames.tolist()} frames")
-
-
-def check_vocabularies(config, model_cfg) -> None:
-    """Fails early if the tokenizer emits ids the LLM or the Q-Former cannot embed.
+def check_vocabularies(config, family) -> None:
+    """Fails early if a tokenizer emits ids the LLM or the Q-Former cannot embed.
 
     Raises:
       ValueError: naming the tokenizer, its size and the too-small table.
     """
-    tok_size = len(tokenizer_lib.load_tokenizer(config.input.tokenizer))
-    tables = {"model.llm.vocab_size": model_cfg.llm.vocab_size}
-    if model_cfg.compressor.text_input:
-        tables["model.qformer.vocab_size"] = model_cfg.compressor.qformer.vocab_size
-    for name, size in tables.items():
-        if tok_size > size:
-            raise ValueError(f"tokenizer {config.input.tokenizer!r} has {tok_size} tokens but "
-                             f"{name} is {size}")
+    llm_tok = config.input.tokenizer
+    q_tok = config.input.get("qformer_tokenizer") or llm_tok
+    for name, (size, qformer_side) in family.vocab_tables().items():
+        spec = q_tok if qformer_side else llm_tok
+        tok = (tokenizer_lib.wordpiece_tokenizer(spec) if qformer_side and spec != llm_tok
+               else tokenizer_lib.load_tokenizer(spec))
+        if len(tok) > size:
+            raise ValueError(f"tokenizer {spec!r} has {len(tok)} tokens but {name} is {size}")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None = None,
@@ -294,14 +280,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None 
         raise ValueError(f"global batch {global_batch} (input.batch_size per process x "
                          f"{jax.process_count()} processes) does not split into the "
                          f"{sharding.batch_size_divisor(trainer.mesh)} batch shards of the mesh")
-    check_vocabularies(config, trainer.model_cfg)
+    check_vocabularies(config, trainer.family)
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(trainer.abstract_state["params"]))
     logging.info("model: %.2fM parameters", n_params / 1e6)
 
     # --- Input.
     data_it = pipeline.make_iterator(
         config.input,
-        num_video_tokens=functools.partial(video_llm.num_video_tokens, trainer.model_cfg),
+        num_video_tokens=trainer.family.num_video_tokens,
         process_index=jax.process_index(), process_count=jax.process_count())
 
     # --- Checkpoint restore, or init.
@@ -335,7 +321,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None 
         if skipped_total > config.max_skipped_fraction * max(records_total, 8):
             raise RuntimeError(f"{skipped_total} of {records_total} records were unreadable "
                                f"(see the warnings above); check config.input.annotations")
-        check_placeholders(host_batch, trainer.model_cfg)
+        trainer.family.check_placeholders(host_batch)
         tokens_since += int((host_batch["segment_ids"] > 0).sum()) * jax.process_count()
         state, metrics = trainer.train_step(state, trainer.device_batch(host_batch))
         step += 1

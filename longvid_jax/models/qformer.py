@@ -541,7 +541,9 @@ class TDCCompressor(nn.Module):
             qformer_last_hidden_state [B, Fc, K + T, Dq], vision_proj_out and compressed
             [B, Fc, K, D] for the Fc Q-Former frames (`compressed_frames`, int32[Fc] or
             [B, F], their frame indices), audio_proj_out [B, F, A, D] with audio,
-            is_static bool[B, F], num_tokens int32[B] (untruncated count).
+            is_static bool[B, F], num_tokens int32[B] (untruncated count), token_frame
+            int32[B, N] (the frame each output token belongs to), frame_token_lengths
+            int32[B, F] (tokens of each frame, 0 for invalid frames).
 
         Raises:
           ValueError: on width mismatches, audio without `audio_width`, or missing text.
@@ -656,5 +658,5 @@ class TDCCompressor(nn.Module):
         out = jnp.where(is_sep[..., None], frame_seg, jnp.where(st[..., None], g_static, g_comp))
         out = jnp.where(token_mask[..., None], out, 0).astype(dtype)
         out = nn.with_logical_constraint(out, ACT_BTD)
-        aux["num_tokens"] = total
+        aux.update(num_tokens=total, token_frame=owner, frame_token_lengths=lens)
         return out, token_mask, aux

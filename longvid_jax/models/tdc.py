@@ -38,6 +38,10 @@ from longvid_jax.models import beats as beats_lib
 from longvid_jax.models import connectors, decoder, dinov2, qformer, scene_split, sva, vit
 
 TOWER_GRID = 24  # both towers' grids are interpolated to 24 x 24 before the connector
+INFERENCE_MAX_LENGTH = 16  # tokens the original keeps free for generation (`max_visual_len`)
+# Tower preprocessing (each processor's mean / std; `expand2square` fills with the mean).
+SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
+DINO_MEAN, DINO_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +60,9 @@ class TDCConfig:
       tower_grid: side both towers' token grids are resized to (bilinear, as the original's
         `F.interpolate`).
       max_num_segments: scene boundaries per video (`adapt_segment`; TDC stages 2 / 3: 24).
+      max_context: the LLM's training length (`tokenizer_model_max_length`, 8192): video
+        tokens beyond `max_context - 16 - text tokens` are trimmed per chunk
+        (`overflow_keep`) and sequences are cut to it.
     """
 
     siglip: vit.ViTConfig
@@ -66,6 +73,7 @@ class TDCConfig:
     beats: beats_lib.BEATsConfig | None = None
     tower_grid: int = TOWER_GRID
     max_num_segments: int = 24
+    max_context: int = scene_split.MAX_CONTEXT
 
     def __post_init__(self):
         widths = (self.siglip.width, self.dinov2.width)
@@ -155,6 +163,41 @@ def make_config(variant: str | None = None, **overrides: Any) -> TDCConfig:
     if missing:
         raise ValueError(f"TDCConfig parts {missing} not given (variant={variant!r})")
     return TDCConfig(**kw)
+
+
+def overflow_keep(token_mask: Bool[Array, "B N"], token_frame: Int[Array, "B N"],
+                  frame_lengths: Int[Array, "B F"], is_static: Bool[Array, "B F"],
+                  max_visual_len: Int[Array, " B"]) -> Bool[Array, "B N"]:
+    """Which compressor output tokens survive TDC's overflow rule (in-graph).
+
+    As `prepare_inputs_labels_for_multimodal` (tdc/cambrian_arch.py): when a video's tokens
+    exceed `max_visual_len` (= context - 16 - text tokens), every chunk (a static frame and the
+    frames up to the next static one) loses its last `ceil(excess / chunks)` tokens, then the
+    sequence is cut to `max_visual_len`.
+
+    Args:
+      token_mask, token_frame: the compressor's valid mask and `aux["token_frame"]`.
+      frame_lengths, is_static: `aux["frame_token_lengths"]`, `aux["is_static"]`.
+      max_visual_len: int32[B] video tokens that fit beside each row's text.
+
+    Returns:
+      bool[B, N], True on the kept tokens (their order is kept; compact them).
+    """
+    b, f = frame_lengths.shape
+    starts = is_static & (frame_lengths > 0)
+    chunk_of_frame = jnp.maximum(jnp.cumsum(starts, axis=1) - 1, 0)
+    rows = jnp.arange(b)[:, None]
+    chunk_len = jnp.zeros((b, f), jnp.int32).at[rows, chunk_of_frame].add(frame_lengths)
+    chunk_start = jnp.cumsum(chunk_len, axis=1) - chunk_len
+    tok_chunk = jnp.take_along_axis(chunk_of_frame, token_frame, axis=1)
+    pos = (jnp.arange(token_frame.shape[1])[None, :]
+           - jnp.take_along_axis(chunk_start, tok_chunk, axis=1))
+    excess = frame_lengths.sum(axis=1) - max_visual_len
+    chunks = jnp.maximum(starts.sum(axis=1), 1)
+    force = jnp.where(excess > 0, -(-excess // chunks), 0)
+    keep = token_mask & (pos < jnp.take_along_axis(chunk_len, tok_chunk, axis=1) - force[:, None])
+    rank = jnp.cumsum(keep, axis=1) - 1
+    return keep & (rank < max_visual_len[:, None])
 
 
 class TDCModel(nn.Module):
@@ -269,7 +312,8 @@ class TDCModel(nn.Module):
         """A training batch through the whole model, scene split included, in one graph.
 
         Args:
-          batch: `siglip_pixels` float[B, F, S1, S1, 3], `dino_pixels` float[B, F, S2, S2, 3],
+          batch: `frames` float[B, F, S1, S1, 3] (SigLIP), `dino_frames` float[B, F, S2, S2, 3]
+            (the pipeline's `tower_views`),
             `frame_mask` bool[B, F] (a prefix; at most `scene_split.MAX_FRAMES` frames),
             optional `image_sizes` int32[B, 2] (each video's (height, width) before
             `expand2square`), `audio_tokens` float[B, F, A, Ea] (BEATs tokens per frame),
@@ -287,10 +331,10 @@ class TDCModel(nn.Module):
           fields after `drop_unused_video_slots`: compute targets from these),
           `num_video_tokens` int32[B], `segment_starts` bool[B, F].
         """
-        from longvid_jax.models.video_llm import drop_unused_video_slots
+        from longvid_jax.models.video_llm import VIDEO_TOKEN_INDEX, drop_unused_video_slots
 
         c = self.config
-        sig, dino = batch["siglip_pixels"], batch["dino_pixels"]
+        sig, dino = batch["frames"], batch["dino_frames"]
         b, f = sig.shape[:2]
         sizes = batch.get("image_sizes")
         if sizes is not None:
@@ -307,16 +351,26 @@ class TDCModel(nn.Module):
             max_tokens = qformer.max_video_tokens(f, c.frame_slots, a, c.compressor,
                                                   c.max_num_segments)
         use_text = c.compressor.text_input
-        video, vmask, _ = self.compress(
+        video, vmask, caux = self.compress(
             tokens.reshape(b, f, *tokens.shape[1:]), counts.reshape(b, f)[:, 0],
             batch["frame_mask"], segment_starts=starts, audio_tokens=audio,
             text_ids=batch.get("qformer_text_ids") if use_text else None,
             text_mask=batch.get("qformer_text_mask") if use_text else None,
             max_tokens=max_tokens)
-        num_video = vmask.sum(axis=1).astype(jnp.int32)
+        ids = batch["input_ids"]
+        is_video = ids == VIDEO_TOKEN_INDEX
+        text_len = ((batch["segment_ids"] > 0) & ~is_video).sum(axis=1)
+        keep = overflow_keep(vmask, caux["token_frame"], caux["frame_token_lengths"],
+                             caux["is_static"],
+                             (c.max_context - INFERENCE_MAX_LENGTH - text_len).astype(jnp.int32))
+        order = jnp.argsort(~keep, axis=1, stable=True)
+        video = jnp.take_along_axis(video, order[..., None], axis=1)
+        num_video = keep.sum(axis=1).astype(jnp.int32)
         prompt = drop_unused_video_slots(
             {k: batch[k] for k in ("input_ids", "positions", "segment_ids", "loss_mask")},
             num_video)
+        if ids.shape[1] > c.max_context:  # compacted rows fit the context: cut the padding
+            prompt = {k: v[:, :c.max_context] for k, v in prompt.items()}
         hidden, _ = self(prompt["input_ids"], prompt["positions"], prompt["segment_ids"],
                          video)
         return hidden, {"batch": prompt, "num_video_tokens": num_video,

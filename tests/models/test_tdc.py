@@ -125,12 +125,29 @@ def test_video_through_scene_split_compressor_and_llm():
     assert audio_tokens.shape[0] == 2 and audio_tokens.shape[-1] == 32
 
 
-def test_forward_batch_splits_in_graph_as_the_host_path():
-    """`forward_batch` (in-graph scene split, reserved video slots compacted) gives the hidden
-    states of the host path (`scene_layout`, exact placeholder count) for two videos of
-    different lengths, and gradients reach the compressor and LLM but not the towers."""
+def _original_overflow(n, lens, static, max_visual):
+    """TDC's rule as coded: chunks lose their last ceil(excess / chunks) tokens, then cut."""
+    chunks, pos = [], 0
+    for length, st in zip(lens, static):
+        if st:
+            chunks.append([])
+        chunks[-1].extend(range(pos, pos + length))
+        pos += length
+    assert pos == n
+    if n > max_visual:
+        force = -(-(n - max_visual) // len(chunks))
+        chunks = [ch[:-force] for ch in chunks]
+    return np.array(sum(chunks, []), np.int64)[:max_visual]
+
+
+@pytest.mark.parametrize("max_context", [8192, 140])
+def test_forward_batch_splits_in_graph_as_the_host_path(max_context):
+    """`forward_batch` (in-graph scene split, reserved video slots compacted, overflow trimmed
+    per chunk) gives the hidden states of the host path (`scene_layout`, the original's trim
+    rule, exact placeholder count) for two videos of different lengths, and gradients reach
+    the compressor and LLM but not the towers. max_context=140 leaves 119 video tokens."""
     cfg, _, params = _setup()
-    cfg = dataclasses.replace(cfg, max_num_segments=3)
+    cfg = dataclasses.replace(cfg, max_num_segments=3, max_context=max_context)
     model = tdc.TDCModel(cfg)
     f, valid = 30, (30, 20)
     rng = np.random.default_rng(7)
@@ -148,7 +165,7 @@ def test_forward_batch_splits_in_graph_as_the_host_path():
     seg[:, :5 + n_max] = 1
     loss_mask = np.zeros((2, t), bool)
     loss_mask[:, 3 + n_max:5 + n_max] = True
-    batch = {"siglip_pixels": sig, "dino_pixels": dino,
+    batch = {"frames": sig, "dino_frames": dino,
              "frame_mask": np.arange(f)[None] < np.array(valid)[:, None], "image_sizes": sizes,
              "audio_tokens": audio, "qformer_text_ids": qids, "input_ids": ids,
              "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (2, t)),
@@ -164,12 +181,16 @@ def test_forward_batch_splits_in_graph_as_the_host_path():
         starts = np.zeros((1, n_f), bool)
         starts[0, layout.split_points[:-1][layout.split_points[:-1] < n_f]] = True
         np.testing.assert_array_equal(np.asarray(aux["segment_starts"][r, :n_f]), starts[0])
-        video, vmask, _ = model.apply(
+        video, vmask, caux = model.apply(
             {"params": params}, tokens[None], counts[:1], np.ones((1, n_f), bool),
             segment_starts=starts, audio_tokens=audio[r:r + 1, :n_f], text_ids=qids[r:r + 1],
             max_tokens=n_max, method=tdc.TDCModel.compress)
-        n = int(vmask.sum())
+        kept = _original_overflow(int(vmask.sum()), np.asarray(caux["frame_token_lengths"][0]),
+                                  np.asarray(caux["is_static"][0]), max_context - 16 - 5)
+        video = video[:, kept]
+        n = len(kept)
         assert int(aux["num_video_tokens"][r]) == n
+        assert (n < int(vmask.sum())) == (max_context < 8192)
         prompt = np.array([head + [VIDEO_TOKEN_INDEX] * n + tail], np.int32)
         length = prompt.shape[1]
         ref, _ = model.apply({"params": params}, prompt, np.arange(length)[None], None, video)
