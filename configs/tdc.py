@@ -12,7 +12,16 @@ Q-Former), your own data, one of TDC's three training stages:
         --workdir=/ckpt/tdc_stage2
 
 Arguments after ':' (comma separated): stage=1|2|3 (default: none, see below), size=demo|full,
-llm=qwen2_7b|llama3_2_3b (full only). Any field can be overridden with --config.<path>=<value>.
+llm=qwen2_7b|llama3_2_3b (full only), model=simplified|tdc, bert_vocab=PATH. Any field can be
+overridden with --config.<path>=<value>.
+
+model=tdc trains TDC as released (`longvid_jax.models.tdc.TDCModel`: SigLIP + DINOv2 towers,
+the SVA connector, the in-graph scene split, the compressor reading the instruction in BERT
+WordPiece ids from `bert_vocab` (bert-base-uncased vocab.txt; required at full size), the
+per-chunk overflow trim), for stage 2 and the demo so far, without audio (BEATs in the training
+step is not built yet). model=simplified (the default) is the earlier stand-in `VideoLLM`: one
+tower with pooling instead of the SVA connector, Whisper audio, the LLM tokenizer's ids for the
+Q-Former; it serves all three stages.
 
 The stages (`scripts/stage{1,2,3}/*.sh` of the original; all: AdamW, cosine schedule, warmup
 ratio 0.03, weight decay 0, 1 epoch, bf16, sequences up to 8192 tokens = the largest length
@@ -55,7 +64,7 @@ import os
 import ml_collections
 
 from longvid_jax.config_arg import parse_arg
-from longvid_jax.models import audio, decoder, lora, qformer, vit
+from longvid_jax.models import audio, decoder, lora, qformer, tdc, vit
 
 _SAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                         "data", "samples")
@@ -88,22 +97,51 @@ def _all_but(patterns) -> str:
     return "(?!" + "|".join(f"(?:{p})$" for p in patterns) + ").*"
 
 
+def _tdc_model(demo: bool, llm: str) -> tdc.TDCConfig:
+    """TDC as released, without audio: the tiny test variant with a Qwen2-vocabulary LLM (demo),
+    or the released sizes in bf16 with the trainer's LLM settings."""
+    if demo:
+        width = 128
+        return tdc.make_config(
+            "tiny", beats=None,
+            llm=dict(variant="tiny", vocab_size=_QWEN_VOCAB, tie_embeddings=True,
+                     hidden_size=width, head_dim=32, mlp_dim=384, attention_impl="auto",
+                     packed_sequences=False),
+            connector=dict(llm_width=width),
+            compressor=dict(llm_width=width, num_tokens=4, audio_width=0,
+                            qformer=dict(variant="tiny", vocab_size=_QWEN_VOCAB)))
+    return tdc.make_config(
+        llm, beats=None, compressor=dict(audio_width=0), dtype="bfloat16",
+        llm=dict(attention_impl="auto", packed_sequences=False, scan_layers=True,
+                 remat_policy="dots_attention"))
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """Returns the TDC training config; see the module docstring for the arguments.
 
     Raises:
       ValueError: an unknown stage, size or llm.
     """
-    arg = parse_arg(arg, stage="", size="demo", llm="qwen2_7b")
+    arg = parse_arg(arg, stage="", size="demo", llm="qwen2_7b", model="simplified",
+                    bert_vocab="")
     if arg.stage not in ("", "1", "2", "3"):
         raise ValueError(f"stage must be 1, 2 or 3, got {arg.stage!r}")
     if arg.size not in ("demo", "full"):
         raise ValueError(f"size must be demo or full, got {arg.size!r}")
     if arg.llm not in ("qwen2_7b", "llama3_2_3b"):
         raise ValueError(f"llm must be qwen2_7b or llama3_2_3b, got {arg.llm!r}")
+    if arg.model not in ("simplified", "tdc"):
+        raise ValueError(f"model must be simplified or tdc, got {arg.model!r}")
     demo = arg.size == "demo"
     stage = int(arg.stage or 0)
-    with_audio = stage in (0, 3)
+    faithful = arg.model == "tdc"
+    if faithful and stage not in (0, 2):
+        raise ValueError("model=tdc trains stage 2 (and the demo) so far; stages 1 and 3 run "
+                         "with model=simplified")
+    if faithful and not demo and not arg.bert_vocab:
+        raise ValueError("model=tdc at full size reads the instruction in BERT WordPiece ids: "
+                         "pass bert_vocab=/path/to/bert-base-uncased/vocab.txt")
+    with_audio = stage in (0, 3) and not faithful
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.total_steps = 150 if demo else 10_000
@@ -152,6 +190,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.model.compressor = dict(num_tokens=16, chunk_size=8, text_input=True)
     if not with_audio:
         c.model.audio = None
+    if faithful:
+        tdc_cfg = _tdc_model(demo, arg.llm)
+        c.model = ml_collections.ConfigDict(dict(name="tdc", **dataclasses.asdict(tdc_cfg)))
 
     # LoRA (longvid_jax/models/lora.py; rank 0 = off): adapters on the modules whose path fully
     # matches `targets`, switched on by the trainer through `lora.lora_context(config.lora)`.
@@ -181,6 +222,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.input.shuffle = True
     c.input.seed = 0
 
+    if faithful:  # each tower's own preprocessing; the question in BERT ids
+        c.input.image_size = tdc_cfg.siglip.image_size
+        c.input.image_mean, c.input.image_std = tdc.SIGLIP_MEAN, tdc.SIGLIP_STD
+        dino_side = tdc_cfg.dinov2.patch_size * tdc_cfg.siglip.grid
+        c.input.tower_views = (("dino_frames", dino_side, tdc.DINO_MEAN, tdc.DINO_STD),)
+        c.input.qformer_tokenizer = arg.bert_vocab or None
+        # Rows reserve the most video tokens any scene split gives; the model drops the unused
+        # ones and cuts rows to model.max_context, so buckets may exceed 8192.
+        c.input.length_buckets = (256, 512) if demo else (2048, 4096, 8192, 16384)
+
     # Optimizer (TDC: AdamW, cosine, warmup ratio 0.03, weight decay 0; towers frozen).
     c.optim = ml_collections.ConfigDict()
     stage2_lr = 5e-6 if arg.llm == "qwen2_7b" else 2e-5
@@ -197,6 +248,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.optim.frozen = ("vision_tower/.*", "audio_encoder/.*", "compressor/.*")
     elif stage == 3:
         c.optim.frozen = (_all_but(_STAGE3_TRAINABLE),)
+    elif faithful:
+        c.optim.frozen = ("siglip/.*", "dinov2/.*")
     else:
         c.optim.frozen = ("vision_tower/.*", "audio_encoder/.*")
 

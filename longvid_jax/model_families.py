@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from longvid_jax.models import qformer, tdc, video_llm
+from longvid_jax.models import tdc, video_llm
 
 
 def _prompt(batch: int, text_len: int) -> dict[str, np.ndarray]:
@@ -148,11 +148,8 @@ class TDCFamily:
 
     @property
     def num_video_tokens(self):
-        """Picklable: valid frames -> placeholders to reserve (the most any split gives)."""
-        c = self.config
-        return functools.partial(qformer.max_video_tokens, tokens_per_frame=c.frame_slots,
-                                 audio_tokens_per_frame=0, cfg=c.compressor,
-                                 max_segments=c.max_num_segments)
+        """Picklable: valid frames -> placeholders to reserve (`tdc.reserved_video_slots`)."""
+        return functools.partial(tdc.reserved_video_slots, config=self.config)
 
     def check_placeholders(self, batch: Mapping[str, np.ndarray]) -> None:
         """Raises ValueError unless every row reserves the placeholders of its frame count."""

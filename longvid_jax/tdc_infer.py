@@ -32,7 +32,7 @@ from longvid_jax.models import qformer, scene_split, tdc
 SIGLIP_MEAN, SIGLIP_STD, DINO_MEAN, DINO_STD = (tdc.SIGLIP_MEAN, tdc.SIGLIP_STD, tdc.DINO_MEAN,
                                                 tdc.DINO_STD)
 AUDIO_WINDOW_S = 10  # BEATs runs over 10-second windows
-AUDIO_TOKENS_PER_FRAME = 50
+AUDIO_TOKENS_PER_FRAME = tdc.AUDIO_TOKENS_PER_FRAME
 QFORMER_TEXT_LEN = 256
 SAMPLE_RATE = 16000
 
@@ -145,7 +145,7 @@ class TDCPredictor:
 
         Returns:
           dict with `answer`, `tokens`, `frames`, `video_tokens` (count), `video` (the
-          compressed video tokens [video_tokens, D]), `segments` and `times` (seconds per
+          compressed video tokens [video_tokens, D]), `segments`, `chunks` and `times` (seconds per
           stage: decode, encode, split, audio, compress, generate).
 
         Raises:
@@ -213,6 +213,17 @@ class TDCPredictor:
             self.params, tokens, counts, np.ones((1, len(sel)), bool), starts, audio, ids, mask,
             n_max)
         nv = int(caux["num_tokens"][0])
+        # The original's overflow rule: beyond max_context - 16 - text tokens, each chunk
+        # loses its last tokens equally (`tdc.overflow_keep`).
+        budget = c.max_context - tdc.INFERENCE_MAX_LENGTH - self.prompt_len_without_video(question)
+        keep = np.asarray(tdc.overflow_keep(
+            vmask, caux["token_frame"], caux["frame_token_lengths"], caux["is_static"],
+            jnp.asarray([budget], jnp.int32)))[0]
+        if keep.sum() < nv:
+            self._print(f"[compress] {nv} video tokens trimmed per chunk to {int(keep.sum())} "
+                        f"(context {c.max_context})")
+            video_tokens = video_tokens[:, np.nonzero(keep)[0]]
+            nv = int(keep.sum())
         times["compress"] = time.perf_counter() - t
         self._print(f"[compress] {len(sel)} frames, {len(layout.segment_sizes)} segments -> "
                     f"{nv} video tokens")
@@ -238,7 +249,8 @@ class TDCPredictor:
         self._print(f"[generate] {len(out)} tokens; stage seconds " +
                     ", ".join(f"{k} {v:.2f}" for k, v in times.items()))
         return {"answer": text, "tokens": out, "frames": len(sel), "video_tokens": nv,
-                "segments": len(layout.segment_sizes), "times": times,
+                "segments": len(layout.segment_sizes),
+                "chunks": int(np.asarray(caux["is_static"]).sum()), "times": times,
                 "video": np.asarray(video_tokens[0, :nv])}
 
     def _track_tokens(self, wave: np.ndarray, stamps: np.ndarray) -> np.ndarray:

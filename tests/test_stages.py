@@ -18,11 +18,11 @@ SAMPLES = REPO / "data" / "samples"
 ONE = jax.devices()[:1]
 
 
-def _config(stage: int, tmp_path):
+def _config(stage: int, tmp_path, extra: str = ""):
     spec = importlib.util.spec_from_file_location("tdc_config", REPO / "configs" / "tdc.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    c = module.get_config(f"stage={stage}")
+    c = module.get_config(f"stage={stage}{extra}")
     records = [("cockatoo.mp4", "What animal is this?", "A white cockatoo."),
                ("realshort.mp4", "Describe the video.", "A window sill with plants.")]
     ann = tmp_path / "train.jsonl"
@@ -49,14 +49,12 @@ _QFORMER_DEPTH, _LLM_LAYERS = 2, 1
 _DEAD = re.compile(rf"compressor/qformer/layer_{_QFORMER_DEPTH - 1}/text_mlp/.*")
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """stage -> (config, initial params, params after 2 steps, metrics).
+def _train_capturing_init(c, workdir):
+    """(initial params, params after training, metrics) of `train.run(c, workdir)`.
 
-    The initial params are copied from inside `train.run` (its `init_state`), so each stage
+    The initial params are copied from inside `train.run` (its `init_state`), so a run
     compiles one init and one train step; XLA optimisations are off meanwhile (compile time
-    dominates these runs).
-    """
+    dominates these runs)."""
     captured = {}
     original = train.Trainer.init_state
 
@@ -65,24 +63,28 @@ def runs(tmp_path_factory):
         captured["params"] = jax.tree.map(lambda x: np.array(x, copy=True), state["params"])
         return state
 
-    out = {}
     optimizations_off = jax.config.read("jax_disable_most_optimizations")
     jax.config.update("jax_disable_most_optimizations", True)
     try:
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(train.Trainer, "init_state", init_state)
-            for stage in (1, 2, 3):
-                tmp = tmp_path_factory.mktemp(f"stage{stage}")
-                c = _config(stage, tmp)
-                c.model.qformer.depth = _QFORMER_DEPTH
-                c.model.llm.num_layers = _LLM_LAYERS
-                captured.clear()
-                final = train.run(c, str(tmp / "wd"), devices=ONE)
-                metrics = [json.loads(line) for line in (tmp / "wd" / "metrics.jsonl").open()]
-                out[stage] = (c, captured["params"], jax.tree.map(np.asarray, final["params"]),
-                              metrics)
+            final = train.run(c, str(workdir), devices=ONE)
     finally:
         jax.config.update("jax_disable_most_optimizations", optimizations_off)
+    metrics = [json.loads(line) for line in (workdir / "metrics.jsonl").open()]
+    return captured["params"], jax.tree.map(np.asarray, final["params"]), metrics
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """stage -> (config, initial params, params after 2 steps, metrics)."""
+    out = {}
+    for stage in (1, 2, 3):
+        tmp = tmp_path_factory.mktemp(f"stage{stage}")
+        c = _config(stage, tmp)
+        c.model.qformer.depth = _QFORMER_DEPTH
+        c.model.llm.num_layers = _LLM_LAYERS
+        out[stage] = (c, *_train_capturing_init(c, tmp / "wd"))
     return out
 
 
@@ -153,3 +155,44 @@ def test_stage_configs_follow_the_original_recipes():
     assert full[3].model.audio is not None
     with pytest.raises(ValueError, match="stage"):
         module.get_config("stage=4")
+
+
+def test_faithful_tdc_stage2_trains_with_towers_frozen(tmp_path):
+    """configs/tdc.py:stage=2,model=tdc: TDC as released (two towers, SVA connector, in-graph
+    scene split, compressor) trains two steps on the sample clips; SigLIP and DINOv2 stay
+    put, every connector / compressor / LLM leaf moves."""
+    c = _config(2, tmp_path, ",model=tdc")
+    assert c.model.name == "tdc" and c.input.tower_views[0][0] == "dino_frames"
+    c.model.compressor.qformer.depth = _QFORMER_DEPTH
+    c.model.llm.num_layers = _LLM_LAYERS
+    # At most 2 boundaries: 8 frames form <= 3 segments whose non-first frames go through the
+    # Q-Former (with 24, a video of <= 25 frames makes every frame a static segment).
+    c.model.max_num_segments = 2
+    init, final, metrics = _train_capturing_init(c, tmp_path / "wd")
+    assert [m["step"] for m in metrics] == [1, 2]
+    assert all(np.isfinite(m["loss"]) and m["target_tokens"] > 0 for m in metrics)
+    assert set(init) == {"siglip", "dinov2", "connector", "compressor", "llm"}
+    changed = _changed(init, final)
+    for path, moved in changed.items():
+        if path.split("/")[0] in ("siglip", "dinov2"):
+            assert not moved, f"frozen {path} changed"
+        elif not _DEAD.fullmatch(path):
+            assert moved, f"trainable {path} did not change"
+    assert any(p.startswith("connector/") and "pos_embed" in p for p in changed)
+
+
+def test_faithful_tdc_config():
+    spec = importlib.util.spec_from_file_location("tdc_config", REPO / "configs" / "tdc.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config("stage=2,size=full,model=tdc,bert_vocab=/b/vocab.txt")
+    assert c.model.name == "tdc" and c.model.llm.hidden_size == 3584
+    assert c.model.siglip.image_size == 384 and c.input.tower_views[0][1] == 378
+    assert c.model.compressor.num_tokens == 16 and c.model.max_num_segments == 24
+    assert c.input.qformer_tokenizer == "/b/vocab.txt" and c.input.max_frames == 224
+    assert c.optim.frozen == ("siglip/.*", "dinov2/.*") and c.optim.lr == 5e-6
+    assert c.model.beats is None and c.model.compressor.audio_width == 0
+    with pytest.raises(ValueError, match="bert_vocab"):
+        module.get_config("stage=2,size=full,model=tdc")
+    with pytest.raises(ValueError, match="stage 2"):
+        module.get_config("stage=3,model=tdc")

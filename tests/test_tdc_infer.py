@@ -2,6 +2,7 @@
 (`longvid_jax/tdc_infer.py`): every stage runs, the layout matches the scene split, and the
 first generated token is the argmax of the full forward over the same prompt."""
 
+import dataclasses
 import io
 import os
 import subprocess
@@ -81,6 +82,24 @@ def test_converted_release_answers_about_a_real_clip(predictor):
                                    jnp.asarray(out["video"])[None])[0][:, -1:],
         method=tdc.TDCModel.logits))(pred.params)
     assert out["tokens"][0] == int(np.argmax(np.asarray(logits[0, -1])))
+
+
+def test_long_video_tokens_are_trimmed_per_chunk_to_the_context(predictor):
+    """With a context 9 tokens too short for the video, every chunk loses its last
+    ceil(9 / chunks) tokens, as the original trims them."""
+    pred, _ = predictor
+    question = "What is the bird doing?"
+    full = pred.answer(str(MEDIA / "cockatoo.mp4"), question, max_new_tokens=1)
+    text = pred.prompt_len_without_video(question)
+    config = pred.config
+    pred.config = dataclasses.replace(config, max_context=text + 16 + full["video_tokens"] - 9)
+    try:
+        short = pred.answer(str(MEDIA / "cockatoo.mp4"), question, max_new_tokens=1)
+    finally:
+        pred.config = config
+    chunks = full["chunks"]
+    assert chunks >= 2 and short["chunks"] == chunks
+    assert short["video_tokens"] == full["video_tokens"] - chunks * -(-9 // chunks)
 
 
 def test_frame_audio_tokens_pool_each_second():

@@ -38,6 +38,7 @@ from longvid_jax.models import beats as beats_lib
 from longvid_jax.models import connectors, decoder, dinov2, qformer, scene_split, sva, vit
 
 TOWER_GRID = 24  # both towers' grids are interpolated to 24 x 24 before the connector
+AUDIO_TOKENS_PER_FRAME = 50  # BEATs tokens attached to each static frame (pooled per second)
 INFERENCE_MAX_LENGTH = 16  # tokens the original keeps free for generation (`max_visual_len`)
 # Tower preprocessing (each processor's mean / std; `expand2square` fills with the mean).
 SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
@@ -163,6 +164,16 @@ def make_config(variant: str | None = None, **overrides: Any) -> TDCConfig:
     if missing:
         raise ValueError(f"TDCConfig parts {missing} not given (variant={variant!r})")
     return TDCConfig(**kw)
+
+
+def reserved_video_slots(num_frames: int, config: TDCConfig) -> int:
+    """Video placeholders a training prompt reserves for `num_frames` valid frames: the most
+    tokens any scene split can give (`qformer.max_video_tokens`), at most what the context can
+    hold (`max_context - 16`); `forward_batch` drops the slots its split leaves unused."""
+    audio = 0 if config.beats is None else AUDIO_TOKENS_PER_FRAME
+    most = qformer.max_video_tokens(num_frames, config.frame_slots, audio, config.compressor,
+                                    config.max_num_segments)
+    return min(most, config.max_context - INFERENCE_MAX_LENGTH)
 
 
 def overflow_keep(token_mask: Bool[Array, "B N"], token_frame: Int[Array, "B N"],
