@@ -570,8 +570,8 @@ def run_benchmark(
     if predictor is None:
         from longvid_jax import infer  # pylint: disable=import-outside-toplevel
 
-        predictor = infer.Predictor(config, checkpoint, params=params,
-                                    log=log if log is not None else io.StringIO())
+        predictor = infer.make_predictor(config, checkpoint, params=params,
+                                         log=log if log is not None else io.StringIO())
     from longvid_jax.input import decode  # pylint: disable=import-outside-toplevel
 
     answers, errors = [], {}

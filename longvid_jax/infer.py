@@ -36,7 +36,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 
 import flax.linen as nn
@@ -237,6 +237,80 @@ def stop_token_ids(tok, template: str) -> list[int]:
 # ----------------------------------------------------------------------------------- model
 
 
+def generate_answer(llm_params: Any, llm_cfg: decoder.DecoderConfig, embeds: jax.Array, tok,
+                    stop_ids: Sequence[int], *, max_new_tokens: int, temperature: float = 0.0,
+                    top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                    stream: TextIO | None = None) -> tuple[str, gen.GenerationResult]:
+    """Generates the answer to one prompt [1, T, D], writing its text to `stream` as it comes
+    (whole characters only) and a newline at the end.
+
+    The prompt is right-padded to a multiple of `PROMPT_BUCKET` tokens so that prompts of
+    similar lengths share the prefill and decode compilations.
+
+    Returns:
+      (answer text without special tokens, the `generate.GenerationResult`).
+    """
+    prompt_len = embeds.shape[1]
+    ids: list[int] = []
+    shown = [""]
+
+    def on_token(tokens, active):
+        if not active[0] or int(tokens[0]) in stop_ids:
+            return
+        ids.append(int(tokens[0]))
+        text = tok.decode(ids, skip_special_tokens=True)
+        if stream is not None and not text.endswith("\ufffd"):
+            stream.write(text[len(shown[0]):])
+            stream.flush()
+            shown[0] = text
+
+    padded = -(-prompt_len // PROMPT_BUCKET) * PROMPT_BUCKET
+    embeds = jnp.pad(embeds, ((0, 0), (0, padded - prompt_len), (0, 0)))
+    res = gen.generate(llm_params, llm_cfg, prompt_embeds=embeds, prompt_lengths=[prompt_len],
+                       max_new_tokens=max_new_tokens,
+                       max_len=padded + -(-max_new_tokens // PROMPT_BUCKET) * PROMPT_BUCKET,
+                       temperature=temperature, top_k=top_k, top_p=top_p,
+                       stop_token_ids=stop_ids, rng=jax.random.key(seed), pad_id=pad_id(tok),
+                       on_token=on_token)
+    answer = tok.decode(res.sequences()[0], skip_special_tokens=True)
+    if stream is not None:
+        stream.write(answer[len(shown[0]):] + "\n")
+        stream.flush()
+    return answer, res
+
+
+def make_predictor(config: ml_collections.ConfigDict, checkpoint: str | None = None, *,
+                   params: Any = None, log: TextIO | None = None):
+    """The predictor of a training config: `Predictor` (the simplified `VideoLLM`), or for
+    `config.model.name == "tdc"` a `tdc_infer.TDCPredictor` on the trainer's checkpoint (the
+    Q-Former text through `config.input.qformer_tokenizer`, else the LLM tokenizer's ids, as
+    the model was trained).
+
+    Raises:
+      InferenceError: no checkpoint or params, or an unreadable checkpoint.
+    """
+    if config.model.get("name", "video_llm") != "tdc":
+        return Predictor(config, checkpoint, params=params, log=log)
+    from longvid_jax import model_families, tdc_infer  # pylint: disable=import-outside-toplevel
+
+    log = log if log is not None else sys.stderr
+    family = model_families.from_config(config.model)
+    if params is None:
+        if checkpoint is None:
+            raise InferenceError("give a checkpoint folder or params")
+        input_cfg = PipelineConfig.from_dict(
+            {**config.input.to_dict(), "annotations": config.input.annotations or "-"})
+        batch = family.example_batch(input_cfg)
+        abstract = jax.eval_shape(lambda r: nn.unbox(family.init(r, batch)["params"]),
+                                  jax.random.key(0))
+        params, step_dir = restore_params(checkpoint, abstract)
+        print(f"[load] parameters from {step_dir}", file=log, flush=True)
+    tok = tokenizer_lib.load_tokenizer(config.input.tokenizer)
+    q_spec = config.input.get("qformer_tokenizer")
+    bert = tokenizer_lib.wordpiece_tokenizer(q_spec) if q_spec else tok
+    return tdc_infer.TDCPredictor(params, family.config, tok, bert_tokenizer=bert, log=log)
+
+
 class Predictor:
     """A restored model with jitted encoders; answers one (video, question) at a time.
 
@@ -349,33 +423,10 @@ class Predictor:
                     f"({video_llm.num_video_tokens(self.model_cfg, n_frames)} video) in "
                     f"{times['encode']:.2f} s")
 
-        ids: list[int] = []
-        shown = [""]
-
-        def on_token(tokens, active):
-            if not active[0] or int(tokens[0]) in self.stop_ids:
-                return
-            ids.append(int(tokens[0]))
-            text = self.tok.decode(ids, skip_special_tokens=True)
-            if stream is not None and not text.endswith("\ufffd"):  # whole characters only
-                stream.write(text[len(shown[0]):])
-                stream.flush()
-                shown[0] = text
-
-        # Right-pad the prompt to a multiple of PROMPT_BUCKET tokens so that prompts of similar
-        # lengths share the prefill and decode compilations.
-        padded = -(-prompt_len // PROMPT_BUCKET) * PROMPT_BUCKET
-        embeds = jnp.pad(embeds, ((0, 0), (0, padded - prompt_len), (0, 0)))
-        res = gen.generate(self.llm_params, self.llm_cfg, prompt_embeds=embeds,
-                           prompt_lengths=[prompt_len], max_new_tokens=max_new_tokens,
-                           max_len=padded + -(-max_new_tokens // PROMPT_BUCKET) * PROMPT_BUCKET,
-                           temperature=temperature, top_k=top_k,
-                           top_p=top_p, stop_token_ids=self.stop_ids,
-                           rng=jax.random.key(seed), pad_id=pad_id(self.tok), on_token=on_token)
-        answer = self.tok.decode(res.sequences()[0], skip_special_tokens=True)
-        if stream is not None:
-            stream.write(answer[len(shown[0]):] + "\n")
-            stream.flush()
+        answer, res = generate_answer(
+            self.llm_params, self.llm_cfg, embeds, self.tok, self.stop_ids,
+            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+            seed=seed, stream=stream)
         n_new = int(res.tokens.shape[1])
         times["prefill"], times["generate"] = res.prefill_s, res.decode_s
         rate = res.decode_tokens_per_s
@@ -473,7 +524,7 @@ def run(config: ml_collections.ConfigDict, checkpoint: str | None, *, video: str
                else read_batch(batch_jsonl))
     if video is not None and not os.path.exists(video):  # fail before loading the model
         raise decode.VideoDecodeError(video, "file not found")
-    predictor = Predictor(config, checkpoint, params=params, log=log)
+    predictor = make_predictor(config, checkpoint, params=params, log=log)
     kw = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k,
           "top_p": top_p, "seed": seed}
     if video is not None:

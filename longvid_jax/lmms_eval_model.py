@@ -124,8 +124,8 @@ class LongVidJaxLMM(_LmmsBase):
 
             if isinstance(config, str):
                 config = infer.load_config(_unquote(config))
-            predictor = infer.Predictor(config, _unquote(str(checkpoint)),
-                                        log=log if log is not None else sys.stderr)
+            predictor = infer.make_predictor(config, _unquote(str(checkpoint)),
+                                             log=log if log is not None else sys.stderr)
         self.predictor = predictor
 
     @property

@@ -24,8 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from longvid_jax import generate as gen
-from longvid_jax.infer import PROMPT_BUCKET, pad_id, stop_token_ids
+from longvid_jax.infer import PROMPT_BUCKET, generate_answer, pad_id, stop_token_ids
 from longvid_jax.input import chat, decode, fbank
 from longvid_jax.models import qformer, scene_split, tdc
 
@@ -90,7 +89,7 @@ class TDCPredictor:
 
     Args:
       params, configs: `convert.tdc_keys.import_tdc` / `load_orbax` output (LoRA merged, or
-        kept adapters are merged here).
+        kept adapters are merged here), or a trainer's params with its `tdc.TDCConfig`.
       tokenizer: the LLM's tokenizer (Qwen2 / Llama-3.2, with `<|im_start|>` etc.).
       bert_tokenizer: the Q-Former's BERT WordPiece tokenizer (bert-base-uncased
         `vocab.txt`); required when the compressor reads the instruction (`text_input`).
@@ -99,12 +98,16 @@ class TDCPredictor:
       log: where stage times and progress go (None: silent).
     """
 
-    def __init__(self, params: Mapping[str, Any], configs: Mapping[str, Any], tokenizer, *,
+    def __init__(self, params: Mapping[str, Any], configs: Mapping[str, Any] | tdc.TDCConfig,
+                 tokenizer, *,
                  bert_tokenizer=None, max_frames: int = 1000, encode_chunk: int = 16,
                  log: TextIO | None = None):
         from longvid_jax.models import lora
 
-        self.config = model_config(configs)
+        if isinstance(configs, tdc.TDCConfig):  # a trainer's config (model.name="tdc")
+            self.config, configs = configs, {}
+        else:
+            self.config = model_config(configs)
         if self.config.compressor.text_input and bert_tokenizer is None:
             raise ValueError("this TDC compressor reads the question: pass bert_tokenizer "
                              "(bert-base-uncased vocab.txt)")
@@ -140,8 +143,10 @@ class TDCPredictor:
                                               add_generation_prompt=True)["input_ids"])
 
     def answer(self, video: str, question: str, *, max_new_tokens: int = 64,
-               temperature: float = 0.0, seed: int = 0) -> dict[str, Any]:
-        """Answers `question` about `video`.
+               temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+               stream: TextIO | None = None) -> dict[str, Any]:
+        """Answers `question` about `video` (greedy, or sampling as `generate.sample_logits`),
+        writing the text to `stream` as it comes when given.
 
         Returns:
           dict with `answer`, `tokens`, `frames`, `video_tokens` (count), `video` (the
@@ -237,15 +242,12 @@ class TDCPredictor:
         padded = -(-length // PROMPT_BUCKET) * PROMPT_BUCKET
         prompt_ids = np.pad(prompt_ids, ((0, 0), (0, padded - length)),
                             constant_values=pad_id(self.tok))
-        embeds = self._splice(self.params, prompt_ids, video_tokens)
-        res = gen.generate(self.params["llm"], c.llm, prompt_embeds=embeds,
-                           prompt_lengths=[length], max_new_tokens=max_new_tokens,
-                           max_len=padded + -(-max_new_tokens // PROMPT_BUCKET) * PROMPT_BUCKET,
-                           temperature=temperature, stop_token_ids=self.stop_ids,
-                           rng=jax.random.key(seed), pad_id=pad_id(self.tok))
+        embeds = self._splice(self.params, prompt_ids, video_tokens)[:, :length]
+        text, res = generate_answer(self.params["llm"], c.llm, embeds, self.tok, self.stop_ids,
+                                    max_new_tokens=max_new_tokens, temperature=temperature,
+                                    top_k=top_k, top_p=top_p, seed=seed, stream=stream)
         times["generate"] = time.perf_counter() - t
         out = res.sequences()[0]
-        text = self.tok.decode(out, skip_special_tokens=True)
         self._print(f"[generate] {len(out)} tokens; stage seconds " +
                     ", ".join(f"{k} {v:.2f}" for k, v in times.items()))
         return {"answer": text, "tokens": out, "frames": len(sel), "video_tokens": nv,

@@ -2,6 +2,7 @@
 exactly their trainable parameters moving."""
 
 import importlib.util
+import io
 import json
 import pathlib
 import re
@@ -10,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from longvid_jax import optim, train
+from longvid_jax import infer, optim, train
 from longvid_jax.models import lora
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -179,6 +180,16 @@ def test_faithful_tdc_stage2_trains_with_towers_frozen(tmp_path):
         elif not _DEAD.fullmatch(path):
             assert moved, f"trainable {path} did not change"
     assert any(p.startswith("connector/") and "pos_embed" in p for p in changed)
+
+    # The trained checkpoint answers through `python -m longvid_jax.infer --config=...` (the
+    # TDC predictor: host scene split, KV-cache generation), streaming its text.
+    stream, log = io.StringIO(), io.StringIO()
+    out = infer.run(c, str(tmp_path / "wd"), video=str(SAMPLES / "cockatoo.mp4"),
+                    question="What animal is this?", max_new_tokens=3, top_k=5,
+                    temperature=0.7, stream=stream, log=log)
+    assert len(out) == 1 and 1 <= len(out[0]["tokens"]) <= 3
+    assert stream.getvalue() == out[0]["answer"] + "\n"
+    assert "[load]" in log.getvalue() and "[compress]" in log.getvalue()
 
 
 def test_faithful_tdc_config():
