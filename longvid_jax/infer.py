@@ -49,6 +49,7 @@ from absl import app, flags, logging
 from tqdm import tqdm
 
 from longvid_jax import generate as gen
+from longvid_jax import model_families
 from longvid_jax.input import audio as audio_lib
 from longvid_jax.input import chat, decode
 from longvid_jax.input import tokenizer as tokenizer_lib
@@ -116,26 +117,24 @@ def lora_config(config: ml_collections.ConfigDict):
     return cfg if cfg is not None and cfg.enabled else None
 
 
-def abstract_params(model_cfg: video_llm.VideoLLMConfig, input_cfg, lora_cfg=None) -> Any:
-    """`jax.ShapeDtypeStruct`s of the VideoLLM parameters (nothing allocated), with the LoRA
-    adapters of `lora_cfg` (a `lora.LoRAConfig` or None) as the trainer creates them."""
-    model = video_llm.VideoLLM(model_cfg)
-    f, s = input_cfg.max_frames, input_cfg.image_size
-    batch = {
-        "frames": jnp.zeros((1, f, s, s, 3), jnp.float32),
-        "frame_mask": jnp.ones((1, f), bool),
-        "audio_mel": jnp.zeros((1, f, input_cfg.num_mel_bins, video_llm.MEL_FRAMES_PER_SECOND),
-                               jnp.float32),
-        "input_ids": jnp.zeros((1, 8), jnp.int32),
-        "positions": jnp.arange(8, dtype=jnp.int32)[None],
-        "segment_ids": jnp.ones((1, 8), jnp.int32),
-        "qformer_text_ids": jnp.zeros((1, input_cfg.qformer_text_len), jnp.int32),
-        "qformer_text_mask": jnp.ones((1, input_cfg.qformer_text_len), bool),
-    }
+def abstract_params(model: Any, input_cfg, lora_cfg=None) -> Any:
+    """`jax.ShapeDtypeStruct`s of a model's parameters (nothing allocated), with the LoRA
+    adapters of `lora_cfg` (a `lora.LoRAConfig` or None) as the trainer creates them.
+
+    `model` is a `model_families` family, or a `VideoLLMConfig` (its family is built)."""
+    family = (model if isinstance(model, model_families.ModelFamily)
+              else model_families.VideoLLMFamily(model))
+    batch = family.example_batch(input_cfg)
     ctx = lora_lib.lora_context(lora_cfg) if lora_cfg is not None else contextlib.nullcontext()
     with ctx:
-        return jax.eval_shape(lambda r: nn.unbox(model.init(r, batch)["params"]),
+        return jax.eval_shape(lambda r: nn.unbox(family.init(r, batch)["params"]),
                               jax.random.key(0))
+
+
+def input_config(config: ml_collections.ConfigDict) -> PipelineConfig:
+    """The training config's `input` as a `PipelineConfig` (no annotation file needed)."""
+    return PipelineConfig.from_dict(
+        {**config.input.to_dict(), "annotations": config.input.annotations or "-"})
 
 
 def restore_params(checkpoint: str, abstract: Any) -> tuple[Any, str]:
@@ -291,19 +290,15 @@ def make_predictor(config: ml_collections.ConfigDict, checkpoint: str | None = N
     """
     if config.model.get("name", "video_llm") != "tdc":
         return Predictor(config, checkpoint, params=params, log=log)
-    from longvid_jax import model_families, tdc_infer  # pylint: disable=import-outside-toplevel
+    from longvid_jax import tdc_infer  # pylint: disable=import-outside-toplevel
 
     log = log if log is not None else sys.stderr
     family = model_families.from_config(config.model)
     if params is None:
         if checkpoint is None:
             raise InferenceError("give a checkpoint folder or params")
-        input_cfg = PipelineConfig.from_dict(
-            {**config.input.to_dict(), "annotations": config.input.annotations or "-"})
-        batch = family.example_batch(input_cfg)
-        abstract = jax.eval_shape(lambda r: nn.unbox(family.init(r, batch)["params"]),
-                                  jax.random.key(0))
-        params, step_dir = restore_params(checkpoint, abstract)
+        params, step_dir = restore_params(checkpoint,
+                                          abstract_params(family, input_config(config)))
         print(f"[load] parameters from {step_dir}", file=log, flush=True)
     tok = tokenizer_lib.load_tokenizer(config.input.tokenizer)
     q_spec = config.input.get("qformer_tokenizer")
@@ -326,8 +321,7 @@ class Predictor:
                  params: Any = None, encode_chunk: int = 8, log: TextIO | None = None):
         self.config = config
         self.log = log if log is not None else sys.stderr
-        self.input_cfg = PipelineConfig.from_dict(
-            {**config.input.to_dict(), "annotations": config.input.annotations or "-"})
+        self.input_cfg = input_config(config)
         self.model_cfg = video_llm.make_config(config.model)
         self.model = video_llm.VideoLLM(self.model_cfg)
         self.tok = tokenizer_lib.load_tokenizer(self.input_cfg.tokenizer)

@@ -39,28 +39,47 @@ def _qformer_text(batch: int, input_cfg) -> dict[str, np.ndarray]:
             "qformer_text_mask": np.ones((batch, input_cfg.qformer_text_len), bool)}
 
 
-def _check_counts(batch: Mapping[str, np.ndarray], count) -> None:
-    have = (batch["input_ids"] == video_llm.VIDEO_TOKEN_INDEX).sum(axis=1)
-    frames = batch["frame_mask"].sum(axis=1)
-    want = np.array([count(int(f)) for f in frames])
-    if not np.array_equal(have, want):
-        raise ValueError(f"video placeholders per row {have.tolist()} != video tokens "
-                         f"{want.tolist()} for {frames.tolist()} frames")
+class ModelFamily:
+    """What both families share; subclasses set `name`, `config`, `module`,
+    `num_video_tokens` and `_qformer_vocab_field` (where the Q-Former's word table size lives
+    in `config.model`)."""
+
+    name: str
+    _qformer_vocab_field: str
+
+    @property
+    def llm(self):
+        return self.config.llm
+
+    def check_placeholders(self, batch: Mapping[str, np.ndarray]) -> None:
+        """Raises ValueError unless every row has `num_video_tokens(frames)` placeholders (a
+        pipeline bug otherwise: the splice would misplace tokens)."""
+        have = (batch["input_ids"] == video_llm.VIDEO_TOKEN_INDEX).sum(axis=1)
+        frames = batch["frame_mask"].sum(axis=1)
+        want = np.array([self.num_video_tokens(int(f)) for f in frames])
+        if not np.array_equal(have, want):
+            raise ValueError(f"video placeholders per row {have.tolist()} != video tokens "
+                             f"{want.tolist()} for {frames.tolist()} frames")
+
+    def vocab_tables(self) -> dict[str, tuple[int, bool]]:
+        """{config name: (embedding rows, read with the Q-Former tokenizer?)}."""
+        tables = {"model.llm.vocab_size": (self.config.llm.vocab_size, False)}
+        if self.config.compressor.text_input:
+            tables[self._qformer_vocab_field] = (self.config.compressor.qformer.vocab_size,
+                                                 True)
+        return tables
 
 
-class VideoLLMFamily:
+class VideoLLMFamily(ModelFamily):
     """`VideoLLM` (see the module docstring)."""
 
     name = "video_llm"
+    _qformer_vocab_field = "model.qformer.vocab_size"
 
     def __init__(self, model_cfg: Mapping[str, Any] | video_llm.VideoLLMConfig):
         self.config = (model_cfg if isinstance(model_cfg, video_llm.VideoLLMConfig)
                        else video_llm.make_config(model_cfg))
         self.module = video_llm.VideoLLM(self.config)
-
-    @property
-    def llm(self):
-        return self.config.llm
 
     def example_batch(self, input_cfg, *, batch: int = 1, text_len: int = 8
                       ) -> dict[str, np.ndarray]:
@@ -90,26 +109,16 @@ class VideoLLMFamily:
         """Picklable: valid frames -> placeholders (exact)."""
         return functools.partial(video_llm.num_video_tokens, self.config)
 
-    def check_placeholders(self, batch: Mapping[str, np.ndarray]) -> None:
-        """Raises ValueError unless every row has as many placeholders as video tokens."""
-        _check_counts(batch, self.num_video_tokens)
-
-    def vocab_tables(self) -> dict[str, tuple[int, bool]]:
-        """{config name: (embedding rows, read with the Q-Former tokenizer?)}."""
-        tables = {"model.llm.vocab_size": (self.config.llm.vocab_size, False)}
-        if self.config.compressor.text_input:
-            tables["model.qformer.vocab_size"] = (self.config.compressor.qformer.vocab_size,
-                                                  True)
-        return tables
 
 
-class TDCFamily:
+class TDCFamily(ModelFamily):
     """`TDCModel` (see the module docstring). `config.model` holds `variant` (a
     `tdc.VARIANTS` key) and per-part overrides (`siglip`, `dinov2`, `connector`, `compressor`,
     `llm`, `beats`, `max_num_segments`, ...). The pipeline must give the DINOv2 view as
     `dino_frames` (`input.tower_views`)."""
 
     name = "tdc"
+    _qformer_vocab_field = "model.compressor.qformer.vocab_size"
 
     def __init__(self, model_cfg: Mapping[str, Any]):
         cfg = dict(model_cfg)
@@ -119,10 +128,6 @@ class TDCFamily:
             raise ValueError("model.name='tdc' trains without audio so far (stage 2); set "
                              "model.beats=None and model.compressor.audio_width=0")
         self.module = tdc.TDCModel(self.config)
-
-    @property
-    def llm(self):
-        return self.config.llm
 
     def example_batch(self, input_cfg, *, batch: int = 1, text_len: int = 8
                       ) -> dict[str, np.ndarray]:
@@ -150,18 +155,6 @@ class TDCFamily:
     def num_video_tokens(self):
         """Picklable: valid frames -> placeholders to reserve (`tdc.reserved_video_slots`)."""
         return functools.partial(tdc.reserved_video_slots, config=self.config)
-
-    def check_placeholders(self, batch: Mapping[str, np.ndarray]) -> None:
-        """Raises ValueError unless every row reserves the placeholders of its frame count."""
-        _check_counts(batch, self.num_video_tokens)
-
-    def vocab_tables(self) -> dict[str, tuple[int, bool]]:
-        """{config name: (embedding rows, read with the Q-Former tokenizer?)}."""
-        tables = {"model.llm.vocab_size": (self.config.llm.vocab_size, False)}
-        if self.config.compressor.text_input:
-            tables["model.compressor.qformer.vocab_size"] = (
-                self.config.compressor.qformer.vocab_size, True)
-        return tables
 
 
 FAMILIES = {f.name: f for f in (VideoLLMFamily, TDCFamily)}

@@ -28,10 +28,7 @@ from longvid_jax.infer import PROMPT_BUCKET, generate_answer, pad_id, stop_token
 from longvid_jax.input import chat, decode, fbank
 from longvid_jax.models import qformer, scene_split, tdc
 
-SIGLIP_MEAN, SIGLIP_STD, DINO_MEAN, DINO_STD = (tdc.SIGLIP_MEAN, tdc.SIGLIP_STD, tdc.DINO_MEAN,
-                                                tdc.DINO_STD)
 AUDIO_WINDOW_S = 10  # BEATs runs over 10-second windows
-AUDIO_TOKENS_PER_FRAME = tdc.AUDIO_TOKENS_PER_FRAME
 QFORMER_TEXT_LEN = 256
 SAMPLE_RATE = 16000
 
@@ -75,12 +72,12 @@ def frame_audio_tokens(tokens: np.ndarray, times: np.ndarray, freq_patches: int,
     grid = tokens[:steps * freq_patches].reshape(steps, freq_patches, -1)
     lo = np.floor(np.asarray(times, np.float64))
     hi = np.append(lo[1:], np.inf)
-    out = np.zeros((len(times), AUDIO_TOKENS_PER_FRAME, tokens.shape[1]), np.float32)
+    out = np.zeros((len(times), tdc.AUDIO_TOKENS_PER_FRAME, tokens.shape[1]), np.float32)
     for i in range(len(times)):
         sel = np.nonzero((second >= lo[i]) & (second < max(hi[i], lo[i] + 1)))[0]
         if len(sel):
             x = grid[sel].reshape(-1, tokens.shape[1])
-            out[i] = qformer.adaptive_pool_matrix(len(x), AUDIO_TOKENS_PER_FRAME) @ x
+            out[i] = qformer.adaptive_pool_matrix(len(x), tdc.AUDIO_TOKENS_PER_FRAME) @ x
     return out
 
 
@@ -160,16 +157,16 @@ class TDCPredictor:
         t = time.perf_counter()
         clip = decode.load_video(video, fps=1.0, max_frames=self.max_frames,
                                  size=c.siglip.image_size, pad_to_square=False)
-        keep = scene_split.max_num_frames(self.prompt_len_without_video(question),
-                                          with_audio=c.beats is not None)
+        text_len = self.prompt_len_without_video(question)
+        keep = scene_split.max_num_frames(text_len, with_audio=c.beats is not None)
         idx = np.arange(len(clip.frames))
         if len(idx) > keep:  # uniform subsampling to what fits the context
             idx = np.linspace(0, len(idx) - 1, keep).round().astype(int)
         frames, stamps = clip.frames[idx], clip.timestamps[idx]
         n = len(frames)
         dino_side = c.dinov2.patch_size * c.siglip.grid
-        sig_px = decode.tower_pixels(frames, c.siglip.image_size, SIGLIP_MEAN, SIGLIP_STD)
-        dino_px = decode.tower_pixels(frames, dino_side, DINO_MEAN, DINO_STD)
+        sig_px = decode.tower_pixels(frames, c.siglip.image_size, tdc.SIGLIP_MEAN, tdc.SIGLIP_STD)
+        dino_px = decode.tower_pixels(frames, dino_side, tdc.DINO_MEAN, tdc.DINO_STD)
         sizes = np.broadcast_to(np.asarray(frames.shape[1:3], np.int32), (n, 2))
         wave = decode.load_audio(video, sample_rate=SAMPLE_RATE) if c.beats else None
         times["decode"] = time.perf_counter() - t
@@ -220,15 +217,14 @@ class TDCPredictor:
         nv = int(caux["num_tokens"][0])
         # The original's overflow rule: beyond max_context - 16 - text tokens, each chunk
         # loses its last tokens equally (`tdc.overflow_keep`).
-        budget = c.max_context - tdc.INFERENCE_MAX_LENGTH - self.prompt_len_without_video(question)
-        keep = np.asarray(tdc.overflow_keep(
+        budget = c.max_context - tdc.INFERENCE_MAX_LENGTH - text_len
+        kept = np.nonzero(np.asarray(tdc.overflow_keep(
             vmask, caux["token_frame"], caux["frame_token_lengths"], caux["is_static"],
-            jnp.asarray([budget], jnp.int32)))[0]
-        if keep.sum() < nv:
-            self._print(f"[compress] {nv} video tokens trimmed per chunk to {int(keep.sum())} "
+            jnp.asarray([budget], jnp.int32)))[0])[0]
+        if len(kept) < nv:
+            self._print(f"[compress] {nv} video tokens trimmed per chunk to {len(kept)} "
                         f"(context {c.max_context})")
-            video_tokens = video_tokens[:, np.nonzero(keep)[0]]
-            nv = int(keep.sum())
+            video_tokens, nv = video_tokens[:, kept], len(kept)
         times["compress"] = time.perf_counter() - t
         self._print(f"[compress] {len(sel)} frames, {len(layout.segment_sizes)} segments -> "
                     f"{nv} video tokens")

@@ -90,8 +90,6 @@ class DecodeExample(grain.transforms.Map):
         cfg = self.cfg
         tok = tokenizer_lib.load_tokenizer(cfg.tokenizer)
         num_max, side = cfg.max_frames, cfg.image_size
-        mean = np.asarray(cfg.image_mean, np.float32)
-        std = np.asarray(cfg.image_std, np.float32)
         views = {}
         if cfg.tower_views:  # one aspect-preserving decode, each tower prepared from it
             largest = max([side] + [v[1] for v in cfg.tower_views])
@@ -112,6 +110,8 @@ class DecodeExample(grain.transforms.Map):
                 num_threads=cfg.decode_threads,
             )
             n = clip.frames.shape[0]
+            mean = np.asarray(cfg.image_mean, np.float32)
+            std = np.asarray(cfg.image_std, np.float32)
             frames = np.zeros((num_max, side, side, 3), np.float32)
             frames[:n] = (clip.frames.astype(np.float32) / 255.0 - mean) / std
         frame_mask = np.arange(num_max) < n
