@@ -171,13 +171,16 @@ def time_steps(step, sync, steps: int) -> dict[str, float]:
     "pipelined": `steps` steps dispatched back to back, one wait at the end, divided by
     `steps` -- the throughput of a training loop, which dispatches step n+1 while step n runs
     (both stacks queue GPU work asynchronously). "synced": the median of `steps` steps each
-    waited for, which adds the host's dispatch latency to every step."""
+    waited for, which adds the host's dispatch latency to every step. With one step the two
+    coincide and the step runs once."""
     sync(step())
     t = time.perf_counter()
     for _ in range(steps):
         out = step()
     sync(out)
     pipelined = (time.perf_counter() - t) / steps
+    if steps == 1:
+        return {"pipelined": pipelined, "synced": pipelined}
     times = []
     for _ in range(steps):
         t = time.perf_counter()

@@ -2,7 +2,8 @@
 
     python benchmarks/longest_sequence.py [--variant=qwen2_0_5b]
         [--seqs=32768,65536,131072,262144,524288] [--stacks=ours,torch] [--remat=full]
-        [--loss_chunk=4096] [--timeout=300] [--context=1] [--smoke]
+        [--loss_chunk=4096] [--timeout=300] [--context=1] [--ring_inner=auto|pallas_gpu]
+        [--check_tiles] [--smoke]
 
 For each stack and each length (ascending), one child process runs a warm-up training step and
 one timed step (AdamW, batch 1, next-token loss over every position) of the Qwen2-0.5B-shaped
@@ -12,8 +13,10 @@ first failure. Ours: bf16 compute, float32 master weights, `nn.scan`, remat poli
 XLA allowed 95% of the GPU memory. PyTorch: `Qwen2ForCausalLM` in bf16 with SDPA attention,
 gradient checkpointing and fused AdamW (the step of `llm_train_step.py`). Children keep a failure
 (out of memory) from poisoning the next attempt. `--context=N` spreads each of our sequences
-over N GPUs (ring attention over a `context` mesh axis, the Pallas flash kernel in each ring
-step; peak memory is the largest device's). `--smoke` runs a tiny model on CPU (CI).
+over N GPUs (ring attention over a `context` mesh axis, cuDNN's flash attention in each ring
+step, or the Pallas flash kernel with `--ring_inner=pallas_gpu`; peak memory is the largest
+device's). `--check_tiles` first checks cuDNN's tile calls on this GPU. `--smoke` runs a tiny
+model on CPU (CI).
 """
 
 import argparse
@@ -36,6 +39,9 @@ def child(a) -> dict:
     from longvid_jax.models import decoder
 
     impl = "ring" if a.context > 1 else ("xla" if a.smoke else "cudnn")
+    if a.ring_inner == "pallas_gpu":  # the dispatcher's fallback: hide cuDNN's tile calls
+        from longvid_jax.kernels import cudnn_tiles
+        cudnn_tiles.supported = lambda: False
     if a.smoke:
         cfg = decoder.make_config("tiny", scan_layers=True, remat_policy=a.remat,
                                   attention_impl=impl)
@@ -69,6 +75,12 @@ def main():
     p.add_argument("--timeout", type=int, default=300, help="seconds per attempt")
     p.add_argument("--context", type=int, default=1,
                    help="ours: spread each sequence over this many devices (ring attention)")
+    p.add_argument("--ring_inner", default="auto", choices=("auto", "pallas_gpu"),
+                   help="ours with --context > 1: each ring step through cuDNN where it serves "
+                        "(auto) or through the Pallas flash kernel")
+    p.add_argument("--check_tiles", action="store_true",
+                   help="first compare cuDNN's tile calls (kernels/cudnn_tiles.py) with their "
+                        "pure-JAX contract on this GPU, and stop if they differ")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--stack", default="ours", help=argparse.SUPPRESS)
@@ -77,6 +89,13 @@ def main():
     if a.child:
         print("RESULT " + json.dumps(child(a)), flush=True)
         return
+    if a.check_tiles:
+        from longvid_jax.kernels import cudnn_tiles
+        errs = cudnn_tiles.check_against_reference()
+        print("cuDNN tiles vs reference, max |difference|: " +
+              ", ".join(f"{k} {v:.4f}" for k, v in errs.items()), flush=True)
+        if max(errs.values()) > 0.1:  # bf16 inputs: ~1e-2 expected
+            sys.exit("cuDNN tile calls disagree with their contract")
     seqs = [64, 128] if a.smoke else [int(s) for s in a.seqs.split(",")]
     env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION="0.95")
     if a.smoke and a.context > 1:  # CPU devices for the ring
@@ -92,6 +111,7 @@ def main():
             cmd = [sys.executable, __file__, "--child", f"--stack={stack}", f"--seq={seq}",
                    f"--context={a.context if stack == 'ours' else 1}",
                    f"--variant={a.variant}", f"--remat={a.remat}",
+                   f"--ring_inner={a.ring_inner}",
                    f"--loss_chunk={16 if a.smoke else a.loss_chunk}"] + (
                        ["--smoke"] if a.smoke else [])
             t0 = time.perf_counter()

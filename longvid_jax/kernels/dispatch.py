@@ -6,8 +6,8 @@
   "pallas_gpu"  GPU: Pallas flash kernel (`flash_gpu.py`), for what cuDNN cannot do (segment
                 ids of packed sequences, float32).
   "ring"        any platform: ring attention over mesh axis `axis` (`ring.py`), one sequence
-                spread over the devices of that axis; each step through the Pallas flash
-                kernel on GPU, through XLA elsewhere.
+                spread over the devices of that axis; each step through cuDNN on GPU (the
+                Pallas flash kernel with segment ids or float32), through XLA elsewhere.
   "xla"         everywhere: the pure-JAX reference (`models.attention.masked_attention_ref`),
                 which materialises float32 scores [B, N, T, S] and is refused above
                 `max_score_bytes`.
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jaxtyping import Array, Float, Int
 
-from longvid_jax.kernels import flash_gpu, ring, splash_tpu
+from longvid_jax.kernels import cudnn_tiles, flash_gpu, ring, splash_tpu
 from longvid_jax.models.attention import masked_attention_ref
 
 Implementation = Literal["auto", "xla", "cudnn", "pallas_gpu", "splash", "ring"]
@@ -189,9 +189,14 @@ def attention(
     for names in (batch_axes, head_axes):
         for name in (names,) if isinstance(names, str) else names or ():
             other *= mesh.shape[name]
-    # On GPU each ring step runs the Pallas flash kernel (memory O(shard)); elsewhere the
-    # step's scores are materialised by XLA, within the same guard as the XLA path.
-    inner = "pallas_gpu" if jax.default_backend() in _GPU_BACKENDS else "xla"
+    # On GPU each ring step runs a flash kernel (memory O(shard)): cuDNN's where it serves
+    # (bf16 / fp16, no segment ids, a JAX exposing its tile calls), else the Pallas one;
+    # elsewhere the step's scores are materialised by XLA, within the XLA path's guard.
+    inner = "xla"
+    if jax.default_backend() in _GPU_BACKENDS:
+        half = q.dtype in (jnp.bfloat16, jnp.float16)
+        inner = ("cudnn" if half and segment_ids is None and cudnn_tiles.supported()
+                 else "pallas_gpu")
     need = score_bytes(q.shape, s_len) // (d * d * other)
     if inner == "xla" and need > max_score_bytes:
         raise ValueError(f"ring attention step would materialise {need / 2**30:.2f} GiB of "

@@ -31,7 +31,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float, Int
 
-from longvid_jax.kernels import flash_gpu
+from longvid_jax.kernels import cudnn_tiles, flash_gpu
 from longvid_jax.models.attention import masked_attention_ref
 
 _NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -209,8 +209,8 @@ def _step_kinds(opts):
 
 def _ring_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, opts):
     """Local forward under `shard_map`: out [B, t, N, H] and float32 lse [B, K, G, t]."""
-    if opts[5] == "pallas_gpu":
-        return _flash_ring_forward(q, k, v, q_seg, k_seg, opts)
+    if opts[5] in _TILE_INNERS:
+        return _tile_ring_forward(q, k, v, q_seg, k_seg, opts)
     axis, d, causal, scale = opts[:4]
     b, t, n, h = q.shape
     kh = k.shape[2]
@@ -246,8 +246,8 @@ def _ring_core_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, opts):
 def _ring_core_bwd(opts, res, d_out):
     """Second ring pass: dq stays, dk / dv travel with their kv shard and end at home."""
     q, k, v, q_pos, k_pos, q_seg, k_seg, out, lse = res
-    if opts[5] == "pallas_gpu":
-        return _flash_ring_backward(q, k, v, q_seg, k_seg, out, lse, d_out, opts)
+    if opts[5] in _TILE_INNERS:
+        return _tile_ring_backward(q, k, v, q_seg, k_seg, out, lse, d_out, opts)
     axis, d, causal, scale = opts[:4]
     b, t, n, h = q.shape
     kh = k.shape[2]
@@ -277,16 +277,28 @@ _ring_core.defvjp(_ring_core_fwd, _ring_core_bwd)
 
 
 # ---------------------------------------------------------------------------------------------
-# Ring steps through the Pallas flash kernel (`flash_gpu.py`): each step's tile is computed
-# blockwise on chip, so memory stays O(local shard) however long the shards are. Partials are
-# (float32 out [B, t, N, H], lse [B, N, t]) merged with log-sum-exp weights; the backward step
-# runs the kernel's dq and dk / dv passes with the final out and lse (FlashAttention-2,
-# Algorithm 2), which is exact per tile.
+# Ring steps through a flash kernel: the Pallas one (`flash_gpu.py`, "pallas_gpu") or cuDNN's
+# (`cudnn_tiles.py`, "cudnn"). Each step's tile is computed blockwise on chip, so memory stays
+# O(local shard) however long the shards are. Partials are (float32 out [B, t, N, H], lse
+# [B, N, t]) merged with log-sum-exp weights; the backward step runs the kernel's backward with
+# the final out and lse (FlashAttention-2, Algorithm 2), which is exact per tile.
+
+_TILE_INNERS = ("pallas_gpu", "cudnn")
 
 
-def _flash_call(q, k, v, q_seg, k_seg, causal, opts):
+def _unroll(opts) -> bool:
+    """Whether the ring's steps are unrolled rather than a loop. cuDNN's: XLA (jax 0.11.2)
+    crashed compiling cuDNN attention inside a ring loop nested in the decoder's layer loop
+    (`nn.scan`); unrolled, the D steps are straight-line code in the layer's body."""
+    return opts[5] == "cudnn"
+
+
+def _tile_call(q, k, v, q_seg, k_seg, causal, opts):
     """Forward of one tile: (float32 out [B, t, N, H], lse [B, N, t])."""
-    out, lse = flash_gpu._flash_fwd(q, k, v, q_seg, k_seg, _kernel_opts(q, k, causal, opts))
+    if opts[5] == "cudnn":
+        out, lse = cudnn_tiles.tile_forward(q, k, v, causal=causal, scale=opts[3])
+    else:
+        out, lse = flash_gpu._flash_fwd(q, k, v, q_seg, k_seg, _kernel_opts(q, k, causal, opts))
     return out.astype(jnp.float32), lse
 
 
@@ -297,46 +309,46 @@ def _kernel_opts(q, k, causal, opts):
     return (scale, causal, use_seg, block_q, block_k, interpret, 4, 2)
 
 
-def _flash_neutral(q):
+def _tile_neutral(q):
     """(out, lse) of an empty key set for queries q [B, t, N, H]."""
     zero = _zeros(q)
     return zero, jnp.moveaxis(zero[..., 0], 1, -1) + _NEG_INF
 
 
-def _flash_merge(a, b):
+def _tile_merge(a, b):
     (o_a, l_a), (o_b, l_b) = a, b
     lse = jnp.logaddexp(l_a, l_b)
     weight = lambda l: jnp.moveaxis(jnp.exp(l - lse), -1, 1)[..., None]  # noqa: E731
     return o_a * weight(l_a) + o_b * weight(l_b), lse
 
 
-def _flash_step(kind, q, k, v, q_seg, k_seg, opts):
+def _tile_step(kind, q, k, v, q_seg, k_seg, opts):
     """Partial (out, lse) of local queries q [B, t, N, H] against one kv shard; `kind` as in
     `_ring_step`. Under the zig-zag layout the local index order is the position order within
     each of a shard's two chunks and across them, so _DIAG is the kernel's causal rule."""
 
     def full(_):
-        return _flash_call(q, k, v, q_seg, k_seg, False, opts)
+        return _tile_call(q, k, v, q_seg, k_seg, False, opts)
 
     def diag(_):
-        return _flash_call(q, k, v, q_seg, k_seg, True, opts)
+        return _tile_call(q, k, v, q_seg, k_seg, True, opts)
 
     def kv_first_half(_):
-        return _flash_call(q, _halves(k, 1)[0], _halves(v, 1)[0], q_seg, _sl(k_seg, 0), False,
+        return _tile_call(q, _halves(k, 1)[0], _halves(v, 1)[0], q_seg, _sl(k_seg, 0), False,
                            opts)
 
     def q_second_half(_):
-        out, lse = _flash_call(_halves(q, 1)[1], k, v, _sl(q_seg, 1), k_seg, False, opts)
-        n_out, n_lse = _flash_neutral(_halves(q, 1)[0])
+        out, lse = _tile_call(_halves(q, 1)[1], k, v, _sl(q_seg, 1), k_seg, False, opts)
+        n_out, n_lse = _tile_neutral(_halves(q, 1)[0])
         return jnp.concatenate([n_out, out], 1), jnp.concatenate([n_lse, lse], -1)
 
     def skip(_):
-        return _flash_neutral(q)
+        return _tile_neutral(q)
 
     return lax.switch(kind, [full, kv_first_half, q_second_half, skip, diag], None)
 
 
-def _flash_ring_forward(q, k, v, q_seg, k_seg, opts):
+def _tile_ring_forward(q, k, v, q_seg, k_seg, opts):
     axis, d = opts[:2]
     b, t, n, h = q.shape
     perm = [(j, (j + 1) % d) for j in range(d)]
@@ -344,23 +356,28 @@ def _flash_ring_forward(q, k, v, q_seg, k_seg, opts):
 
     def body(carry, r):
         stats, kv = carry
-        part = _flash_step(kind_of(r), q, kv[0], kv[1], q_seg, kv[2], opts)
+        part = _tile_step(kind_of(r), q, kv[0], kv[1], q_seg, kv[2], opts)
         kv = tuple(lax.ppermute(x, axis, perm) for x in kv)
-        return (_flash_merge(stats, part), kv), None
+        return (_tile_merge(stats, part), kv), None
 
-    (stats, _), _ = lax.scan(body, (_flash_neutral(q), (k, v, k_seg)), jnp.arange(d))
+    (stats, _), _ = lax.scan(body, (_tile_neutral(q), (k, v, k_seg)), jnp.arange(d),
+                             unroll=_unroll(opts))
     out, lse = stats
     kh = k.shape[2]
     return out.astype(q.dtype), lse.reshape(b, kh, n // kh, t)
 
 
-def _flash_grad_step(kind, q, k, v, q_seg, k_seg, out, lse, d_out, opts):
+def _tile_grad_step(kind, q, k, v, q_seg, k_seg, out, lse, d_out, opts):
     """float32 (dq, dk, dv) of one ring step through the kernel's backward passes."""
     f32 = jnp.float32
 
     def grads(q_, k_, v_, qs, ks, out_, lse_, do_, causal):
-        dq, dk, dv = flash_gpu._flash_bwd(q_, k_, v_, qs, ks, out_, lse_, do_,
-                                          _kernel_opts(q_, k_, causal, opts))
+        if opts[5] == "cudnn":
+            dq, dk, dv = cudnn_tiles.tile_backward(q_, k_, v_, out_, lse_, do_, causal=causal,
+                                                   scale=opts[3])
+        else:
+            dq, dk, dv = flash_gpu._flash_bwd(q_, k_, v_, qs, ks, out_, lse_, do_,
+                                              _kernel_opts(q_, k_, causal, opts))
         return dq.astype(f32), dk.astype(f32), dv.astype(f32)
 
     def full(_):
@@ -385,7 +402,7 @@ def _flash_grad_step(kind, q, k, v, q_seg, k_seg, out, lse, d_out, opts):
     return lax.switch(kind, [full, kv_first_half, q_second_half, skip, diag], None)
 
 
-def _flash_ring_backward(q, k, v, q_seg, k_seg, out, lse, d_out, opts):
+def _tile_ring_backward(q, k, v, q_seg, k_seg, out, lse, d_out, opts):
     axis, d = opts[:2]
     b, t, n, _ = q.shape
     lse = lse.reshape(b, n, t)
@@ -394,13 +411,13 @@ def _flash_ring_backward(q, k, v, q_seg, k_seg, out, lse, d_out, opts):
 
     def body(carry, r):
         dq, kv, dk, dv = carry
-        gq, gk, gv = _flash_grad_step(kind_of(r), q, kv[0], kv[1], q_seg, kv[2], out, lse,
+        gq, gk, gv = _tile_grad_step(kind_of(r), q, kv[0], kv[1], q_seg, kv[2], out, lse,
                                       d_out, opts)
         moved = tuple(lax.ppermute(x, axis, perm) for x in (*kv, dk + gk, dv + gv))
         return (dq + gq, moved[:-2], moved[-2], moved[-1]), None
 
     carry = (_zeros(q), (k, v, k_seg), _zeros(k), _zeros(v))
-    (dq, _, dk, dv), _ = lax.scan(body, carry, jnp.arange(d))
+    (dq, _, dk, dv), _ = lax.scan(body, carry, jnp.arange(d), unroll=_unroll(opts))
     return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype),
             None, None, None, None)
 
@@ -441,10 +458,11 @@ def ring_attention(
         is returned in that order too.
       batch_axes, head_axes: mesh axes that shard B and N / K (None = replicated).
       inner: how each ring step's tile is computed: "xla" (einsums that materialise the
-        step's float32 scores [B, N, T/D, S/D]; any platform, for short shards) or
+        step's float32 scores [B, N, T/D, S/D]; any platform, for short shards),
         "pallas_gpu" (the flash kernel of `flash_gpu.py`, blockwise on chip: memory O(shard),
         for long sequences on GPU; local shard halves must then be multiples of 64 tokens or
-        shorter than 64).
+        shorter than 64) or "cudnn" (cuDNN's flash attention through `cudnn_tiles.py`: the
+        fastest on GPU, bf16 / fp16 without segment ids).
       interpret: run the Pallas kernel in the interpreter (tests on CPU).
 
     Returns:
@@ -462,8 +480,11 @@ def ring_attention(
         raise ValueError(f"query heads {n} not a multiple of kv heads {kh}")
     if (q_segment_ids is None) != (kv_segment_ids is None):
         raise ValueError("q_segment_ids and kv_segment_ids must be given together")
-    if inner not in ("xla", "pallas_gpu"):
-        raise ValueError(f"inner must be 'xla' or 'pallas_gpu', got {inner!r}")
+    if inner not in ("xla", "pallas_gpu", "cudnn"):
+        raise ValueError(f"inner must be 'xla', 'pallas_gpu' or 'cudnn', got {inner!r}")
+    if inner == "cudnn" and q_segment_ids is not None:
+        raise ValueError("inner='cudnn' takes no segment ids; use 'pallas_gpu' for packed "
+                         "sequences")
     d = mesh.shape[axis]
     if t % (2 * d if load_balance else d):
         raise ValueError(f"length {t} not divisible for {d} shards (load_balance={load_balance})")
@@ -485,17 +506,18 @@ def ring_attention(
 
     def body(q, k, v, pos, *seg):
         q_seg, k_seg = seg if has_seg else (None, None)
-        if inner == "pallas_gpu" and not has_seg:  # the kernel reads ids; these mask nothing
+        if inner in _TILE_INNERS and not has_seg:  # the tile path passes ids; these mask nothing
             q_seg = k_seg = pos * 0
         return _ring_core(q, k, v, pos, pos, q_seg, k_seg, opts)
 
     in_specs = (x_spec, x_spec, x_spec, row_spec) + ((row_spec, row_spec) if has_seg else ())
     args = (q, k, v, pos) + ((q_segment_ids.astype(jnp.int32),
                               kv_segment_ids.astype(jnp.int32)) if has_seg else ())
-    # pallas_call output types carry no varying-mesh-axis annotation, so the Pallas inner
-    # kernel runs without shard_map's vma type check (every operand is sharded on `axis`).
+    # pallas_call (and older JAX's cuDNN call) output types carry no varying-mesh-axis
+    # annotation, so the flash inner kernels run without shard_map's vma type check (every
+    # operand is sharded on `axis`).
     out = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=x_spec,
-                        check_vma=inner != "pallas_gpu")(*args)
+                        check_vma=inner not in _TILE_INNERS)(*args)
     if load_balance and reorder:
         out = out[:, np.argsort(order)]
     return out

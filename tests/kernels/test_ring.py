@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
+from longvid_jax.kernels import cudnn_tiles
 from longvid_jax.kernels.ring import ring_attention, ring_attention_ref, zigzag_permutation
 from tests.kernels._util import max_err, qkv, value_and_grads
 
@@ -92,3 +93,40 @@ def test_pallas_inner_kernel_matches_reference(mesh, causal, packed, load_balanc
     assert max_err(out, ref_out) < 1e-5
     for g, r in zip(grads, ref_grads):
         assert max_err(g, r) < 1e-4
+
+
+def test_cudnn_tile_contract_matches_attention_and_its_vjp():
+    """`cudnn_tiles`' pure-JAX contract (what the cuDNN calls must return, checked on a GPU by
+    `cudnn_tiles.check_against_reference`) is attention and its VJP: the forward equals the
+    reference and the backward, given the tile's own (out, lse), equals autodiff."""
+    q, k, v, _, d_out = qkv(5, 2, 32, 4, 2, 16)
+    for causal in (False, True):
+        out, lse = cudnn_tiles.reference_forward(q, k, v, causal=causal, scale=0.25)
+        ref = functools.partial(ring_attention_ref, causal=causal, scale=0.25)
+        ref_out, ref_grads = value_and_grads(ref, q, k, v, d_out)
+        assert max_err(out, ref_out) < 1e-5
+        assert lse.shape == (2, 4, 32)
+        grads = cudnn_tiles.reference_backward(q, k, v, out, lse, d_out, causal=causal,
+                                               scale=0.25)
+        for g, r in zip(grads, ref_grads):
+            assert max_err(g, r) < 1e-4
+
+
+@pytest.mark.parametrize("load_balance", [True, False])
+def test_cudnn_inner_ring_matches_reference(mesh, monkeypatch, load_balance):
+    """The ring's "cudnn" inner path (tile calls, merges, final-statistics backward), with the
+    cuDNN calls replaced by their pure-JAX contract so it runs on CPU."""
+    monkeypatch.setattr(cudnn_tiles, "tile_forward", cudnn_tiles.reference_forward)
+    monkeypatch.setattr(cudnn_tiles, "tile_backward", cudnn_tiles.reference_backward)
+    q, k, v, seg, d_out = qkv(6, 1, 64, 4, 2, 16)
+    f = functools.partial(ring_attention, mesh=mesh, causal=True, load_balance=load_balance,
+                          inner="cudnn")
+    out, grads = jax.jit(lambda *a: value_and_grads(f, *a))(q, k, v, d_out)
+    ref_out, ref_grads = value_and_grads(
+        functools.partial(ring_attention_ref, causal=True), q, k, v, d_out)
+    assert max_err(out, ref_out) < 1e-5
+    for g, r in zip(grads, ref_grads):
+        assert max_err(g, r) < 1e-4
+    with pytest.raises(ValueError, match="no segment ids"):
+        ring_attention(q, k, v, mesh=mesh, causal=True, inner="cudnn", q_segment_ids=seg,
+                       kv_segment_ids=seg)
