@@ -18,10 +18,13 @@ overridden with --config.<path>=<value>.
 model=tdc trains TDC as released (`longvid_jax.models.tdc.TDCModel`: SigLIP + DINOv2 towers,
 the SVA connector, the in-graph scene split, the compressor reading the instruction in BERT
 WordPiece ids from `bert_vocab` (bert-base-uncased vocab.txt; required at full size), the
-per-chunk overflow trim), for stage 2 and the demo so far, without audio (BEATs in the training
-step is not built yet). model=simplified (the default) is the earlier stand-in `VideoLLM`: one
-tower with pooling instead of the SVA connector, Whisper audio, the LLM tokenizer's ids for the
-Q-Former; it serves all three stages.
+per-chunk overflow trim), for stages 2 and 3 and the demo so far; with audio (stage 3, the
+demo) BEATs runs frozen inside the step on the pipeline's 10 s fbank windows
+(`input.beats_windows` = ceil(max_frames / fps / 10): a longer track is cut) and each frame's
+BEATs steps (its second and the skipped seconds after it) are pooled to 50 tokens in-graph, as
+`tdc_infer` does. model=simplified (the default) is the earlier stand-in `VideoLLM`: one tower
+with pooling instead of the SVA connector, Whisper audio, the LLM tokenizer's ids for the
+Q-Former; it serves all three stages. Stage 1 runs only with model=simplified so far.
 
 The stages (`scripts/stage{1,2,3}/*.sh` of the original; all: AdamW, cosine schedule, warmup
 ratio 0.03, weight decay 0, 1 epoch, bf16, sequences up to 8192 tokens = the largest length
@@ -42,14 +45,18 @@ per-GPU batch x `grad_accum_steps` x 8, as the original's per-device x accumulat
   stage=3  audio-video instruction tuning. Data: TDC stage-3 audio-video JSON; 144 + 50 audio
            tokens per static frame, up to 192 frames (24 chunks x 314 = 7536 video tokens).
            Trained: LoRA adapters (r=128, alpha=256, dropout 0.05; `config.lora`, targets
-           `lora.TDC_TARGETS`) plus the whole Q-Former, `frame_seg` and `audio_proj`; frozen:
-           everything else (the base LLM, projector, towers, query_proj / vision_proj kernels).
-           TDC also trains the SVA connector's `pos_embed_*`: the trainable set names them, but
-           this composite has none yet (it pools instead of running the SVA). LR 2e-5;
-           batch 1 x 1 x 8.
+           `lora.TDC_TARGETS`) plus the whole Q-Former, `frame_seg`, `audio_proj` and the SVA
+           connector's `pos_embed_*` (model=tdc; the stand-in has no SVA); frozen: everything
+           else (the base LLM, projector, towers, BEATs, query_proj / vision_proj kernels).
+           model=tdc adds, as PEFT's suffix match does in the original, an adapter on the
+           SVA's attention output (`cross_attn.o_proj`). LR 2e-5; batch 1 x 1 x 8.
+           TDC's max-frame rule ((8192 - text - 16) // 38 frames with audio) is not applied
+           by the pipeline: it binds only for prompts over 880 text tokens at 192 frames, and
+           the overflow trim keeps such rows within the context.
            Merge the adapters for export with `longvid_jax.models.lora.merge_lora`.
   (none)   the demo recipe: stage 2's trainable set and learning rates on audio-video data
-           (144 + 50 audio tokens per static frame at full size, 128 frames).
+           (144 + 50 audio tokens per static frame at full size, 128 frames; BEATs audio with
+           model=tdc, Whisper with the stand-in).
 
 Stage 2 starts from the stage-1 weights; stage 3 from stage 1 (Qwen2 script) or stage 2
 (Llama script). The trainer initialises from scratch or resumes its own workdir; loading the
@@ -64,7 +71,7 @@ import os
 import ml_collections
 
 from longvid_jax.config_arg import parse_arg
-from longvid_jax.models import audio, decoder, lora, qformer, tdc, vit
+from longvid_jax.models import audio, beats, decoder, lora, qformer, tdc, vit
 
 _SAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                         "data", "samples")
@@ -81,14 +88,17 @@ def _fields(module_config, drop=("encoder_width", "num_queries")) -> dict:
     return out
 
 
-# Stage 3 trains these parameters (path regexes, fully matched) and freezes all others.
+# Stage 3 trains these parameters (path regexes, fully matched) and freezes all others (the
+# towers, BEATs, the LLM and connector kernels, query_proj / vision_proj kernels, ...). The
+# paths are those of both models: `VideoLLM` and `TDCModel` (model=tdc) name the compressor
+# and LLM alike.
 _STAGE3_TRAINABLE = (
     r".*/lora_[ab]",  # every LoRA adapter
     r"compressor/qformer/.*",  # TDC "Qformer" (its adapters too)
     r"compressor/frame_seg",
     r"compressor/audio_proj/.*",
-    r".*/pos_embed_[0-9]+",  # the SVA connector's window position embeddings (models/sva.py),
-    # which TDC trains too; none exist until the composite runs the SVA instead of pooling
+    r".*/pos_embed_[0-9]+",  # the SVA connector's window position embeddings
+    # (`connector/vision_sampler/layer_i/pos_embed_j`, models/sva.py; model=tdc only)
 )
 
 
@@ -97,23 +107,33 @@ def _all_but(patterns) -> str:
     return "(?!" + "|".join(f"(?:{p})$" for p in patterns) + ").*"
 
 
-def _tdc_model(demo: bool, llm: str) -> tdc.TDCConfig:
-    """TDC as released, without audio: the tiny test variant with a Qwen2-vocabulary LLM (demo),
-    or the released sizes in bf16 with the trainer's LLM settings."""
+def _tdc_model(demo: bool, llm: str, audio: bool) -> tdc.TDCConfig:
+    """TDC as released: the tiny test variant with a Qwen2-vocabulary LLM (demo), or the
+    released sizes in bf16 with the trainer's LLM settings; with `audio` BEATs (the tiny one at
+    demo size, BEATs_iter3_plus_AS2M at full size) feeds the compressor, else no audio."""
+    no_audio = {} if audio else dict(beats=None)
     if demo:
         width = 128
         return tdc.make_config(
-            "tiny", beats=None,
+            "tiny", **no_audio,
             llm=dict(variant="tiny", vocab_size=_QWEN_VOCAB, tie_embeddings=True,
                      hidden_size=width, head_dim=32, mlp_dim=384, attention_impl="auto",
                      packed_sequences=False),
             connector=dict(llm_width=width),
-            compressor=dict(llm_width=width, num_tokens=4, audio_width=0,
+            compressor=dict(llm_width=width, num_tokens=4,
+                            audio_width=_beats_width("tiny") if audio else 0,
                             qformer=dict(variant="tiny", vocab_size=_QWEN_VOCAB)))
     return tdc.make_config(
-        llm, beats=None, compressor=dict(audio_width=0), dtype="bfloat16",
+        llm, **no_audio, compressor=dict(audio_width=_beats_width("iter3_as2m") if audio
+                                         else 0),
+        dtype="bfloat16",
         llm=dict(attention_impl="auto", packed_sequences=False, scan_layers=True,
                  remat_policy="dots_attention"))
+
+
+def _beats_width(variant: str) -> int:
+    """Width of a BEATs variant (the compressor's `audio_width`)."""
+    return beats.make_config(variant).width
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -135,13 +155,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     demo = arg.size == "demo"
     stage = int(arg.stage or 0)
     faithful = arg.model == "tdc"
-    if faithful and stage not in (0, 2):
-        raise ValueError("model=tdc trains stage 2 (and the demo) so far; stages 1 and 3 run "
+    if faithful and stage == 1:
+        raise ValueError("model=tdc trains stages 2 and 3 (and the demo) so far; stage 1 runs "
                          "with model=simplified")
     if faithful and not demo and not arg.bert_vocab:
         raise ValueError("model=tdc at full size reads the instruction in BERT WordPiece ids: "
                          "pass bert_vocab=/path/to/bert-base-uncased/vocab.txt")
-    with_audio = stage in (0, 3) and not faithful
+    with_audio = stage in (0, 3)
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.total_steps = 150 if demo else 10_000
@@ -191,7 +211,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if not with_audio:
         c.model.audio = None
     if faithful:
-        tdc_cfg = _tdc_model(demo, arg.llm)
+        tdc_cfg = _tdc_model(demo, arg.llm, with_audio)
         c.model = ml_collections.ConfigDict(dict(name="tdc", **dataclasses.asdict(tdc_cfg)))
 
     # LoRA (longvid_jax/models/lora.py; rank 0 = off): adapters on the modules whose path fully
@@ -230,7 +250,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.input.qformer_tokenizer = arg.bert_vocab or None
         # Rows reserve the most video tokens any scene split gives; the model drops the unused
         # ones and cuts rows to model.max_context, so buckets may exceed 8192.
-        c.input.length_buckets = (256, 512) if demo else (2048, 4096, 8192, 16384)
+        c.input.length_buckets = ((256, 512, 1024, 2048) if demo
+                                  else (2048, 4096, 8192, 16384))
+        # Audio for BEATs instead of Whisper features: the track in 10 s fbank windows, enough
+        # windows for max_frames seconds (a longer track is cut), and each frame's time steps.
+        c.input.num_mel_bins = 0
+        c.input.sample_rate = 16000
+        c.input.beats_windows = (-(-int(c.input.max_frames / c.input.fps) // 10)
+                                 if with_audio else 0)
+        c.input.beats_patch = tdc_cfg.beats.patch_size if with_audio else 16
 
     # Optimizer (TDC: AdamW, cosine, warmup ratio 0.03, weight decay 0; towers frozen).
     c.optim = ml_collections.ConfigDict()

@@ -6,9 +6,11 @@
              TDC compressor; a video's token count depends on its frame count only, so the
              pipeline writes exactly that many placeholders.
   tdc        `models.tdc.TDCModel`, TDC as released: SigLIP + DINOv2, the SVA connector, the
-             scene split (in-graph), the compressor with BERT WordPiece text. The split is
-             decided inside the step, so the pipeline reserves the most tokens any split can
-             give (`qformer.max_video_tokens`) and the model drops the unused slots.
+             scene split (in-graph), the compressor with BERT WordPiece text, with a BEATs
+             config the audio (the pipeline's 10 s fbank windows through the frozen BEATs,
+             pooled per frame in-graph). The split is decided inside the step, so the
+             pipeline reserves the most tokens any split can give
+             (`qformer.max_video_tokens`) and the model drops the unused slots.
 
 Each family gives: the module and its config, a zero batch with the pipeline's shapes (for
 `init` / `eval_shape`), `init`, `forward` (batch -> final hidden states and the prompt fields
@@ -24,6 +26,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from longvid_jax.input import fbank
 from longvid_jax.models import tdc, video_llm
 
 
@@ -115,7 +118,8 @@ class TDCFamily(ModelFamily):
     """`TDCModel` (see the module docstring). `config.model` holds `variant` (a
     `tdc.VARIANTS` key) and per-part overrides (`siglip`, `dinov2`, `connector`, `compressor`,
     `llm`, `beats`, `max_num_segments`, ...). The pipeline must give the DINOv2 view as
-    `dino_frames` (`input.tower_views`)."""
+    `dino_frames` (`input.tower_views`) and, with `beats`, the audio (`input.beats_windows`
+    > 0: `audio_fbank`, `audio_window_mask`, `audio_frame_start`, `audio_frame_count`)."""
 
     name = "tdc"
     _qformer_vocab_field = "model.compressor.qformer.vocab_size"
@@ -124,22 +128,38 @@ class TDCFamily(ModelFamily):
         cfg = dict(model_cfg)
         variant = cfg.pop("variant", None)
         self.config = tdc.make_config(variant, **cfg)
-        if self.config.beats is not None:
-            raise ValueError("model.name='tdc' trains without audio so far (stage 2); set "
-                             "model.beats=None and model.compressor.audio_width=0")
         self.module = tdc.TDCModel(self.config)
 
     def example_batch(self, input_cfg, *, batch: int = 1, text_len: int = 8
                       ) -> dict[str, np.ndarray]:
         """A zero batch with the shapes the pipeline produces (SigLIP `frames`, DINOv2
-        `dino_frames`)."""
+        `dino_frames`, with `beats` the audio windows and frame step ranges).
+
+        Raises:
+          ValueError: the model has BEATs but the pipeline makes no audio
+            (`input.beats_windows` 0), or the pipeline's patch size is not BEATs'.
+        """
         c, f = self.config, input_cfg.max_frames
         s1, s2 = c.siglip.image_size, c.dinov2.patch_size * c.siglip.grid
-        return {"frames": np.zeros((batch, f, s1, s1, 3), np.float32),
-                "dino_frames": np.zeros((batch, f, s2, s2, 3), np.float32),
-                "frame_mask": np.ones((batch, f), bool),
-                "image_sizes": np.full((batch, 2), s1, np.int32),
-                **_prompt(batch, text_len), **_qformer_text(batch, input_cfg)}
+        out = {"frames": np.zeros((batch, f, s1, s1, 3), np.float32),
+               "dino_frames": np.zeros((batch, f, s2, s2, 3), np.float32),
+               "frame_mask": np.ones((batch, f), bool),
+               "image_sizes": np.full((batch, 2), s1, np.int32),
+               **_prompt(batch, text_len), **_qformer_text(batch, input_cfg)}
+        if c.beats is not None:
+            w = input_cfg.beats_windows
+            if w < 1 or input_cfg.beats_patch != c.beats.patch_size:
+                raise ValueError(f"model.beats needs the pipeline's audio: input.beats_windows "
+                                 f"> 0 (got {w}) and input.beats_patch == "
+                                 f"{c.beats.patch_size} (got {input_cfg.beats_patch})")
+            frames = fbank.num_fbank_frames(10 * input_cfg.sample_rate,
+                                            sample_rate=input_cfg.sample_rate)
+            out.update(audio_fbank=np.zeros((batch, w, frames, c.beats.num_mel_bins),
+                                            np.float32),
+                       audio_window_mask=np.ones((batch, w), bool),
+                       audio_frame_start=np.zeros((batch, f), np.int32),
+                       audio_frame_count=np.ones((batch, f), np.int32))
+        return out
 
     def init(self, rng: jax.Array, batch: Mapping[str, Any]) -> dict:
         """Boxed variables of every part used in training."""

@@ -53,10 +53,11 @@ def frame_audio_tokens(tokens: np.ndarray, times: np.ndarray, freq_patches: int,
                        seconds_per_patch: float) -> np.ndarray:
     """Per-frame audio tokens: each kept frame takes the time patches that start in its second
     and in the seconds skipped before the next kept frame (the last frame: to the end of the
-    track), all their frequency patches in order, average-pooled to 50 tokens
-    (`adaptive_avg_pool1d`; zeros when there are none). ORIGINALS.md describes TDC's rule as
-    50 tokens per second with skipped seconds pooled into the kept frame; the exact pooling
-    inside a second is this module's reading of it.
+    track; `fbank.tdc_frame_audio_steps`, the rule training shares), all their frequency
+    patches in order, average-pooled to 50 tokens (`adaptive_avg_pool1d`; zeros when there
+    are none). ORIGINALS.md describes TDC's rule as 50 tokens per second with skipped seconds
+    pooled into the kept frame; the exact pooling inside a second is this module's reading of
+    it. `models.tdc.pool_frame_audio` is the same pooling in-graph.
 
     Args:
       tokens: float[P, E] BEATs tokens of the whole track, time-major (t * freq_patches + f).
@@ -68,15 +69,12 @@ def frame_audio_tokens(tokens: np.ndarray, times: np.ndarray, freq_patches: int,
       float32[F, 50, E].
     """
     steps = tokens.shape[0] // freq_patches
-    second = np.floor(np.arange(steps) * seconds_per_patch + 1e-9)
     grid = tokens[:steps * freq_patches].reshape(steps, freq_patches, -1)
-    lo = np.floor(np.asarray(times, np.float64))
-    hi = np.append(lo[1:], np.inf)
+    start, count = fbank.tdc_frame_audio_steps(times, steps, seconds_per_patch)
     out = np.zeros((len(times), tdc.AUDIO_TOKENS_PER_FRAME, tokens.shape[1]), np.float32)
-    for i in range(len(times)):
-        sel = np.nonzero((second >= lo[i]) & (second < max(hi[i], lo[i] + 1)))[0]
-        if len(sel):
-            x = grid[sel].reshape(-1, tokens.shape[1])
+    for i, (s, n) in enumerate(zip(start, count)):
+        if n:
+            x = grid[s:s + n].reshape(-1, tokens.shape[1])
             out[i] = qformer.adaptive_pool_matrix(len(x), tdc.AUDIO_TOKENS_PER_FRAME) @ x
     return out
 
@@ -254,15 +252,12 @@ class TDCPredictor:
     def _track_tokens(self, wave: np.ndarray, stamps: np.ndarray) -> np.ndarray:
         """BEATs tokens of the whole track (10 s windows), assigned to the frames' seconds."""
         c = self.config.beats
-        win = AUDIO_WINDOW_S * SAMPLE_RATE
-        n_win = max(1, -(-len(wave) // win))
-        wave = np.pad(wave, (0, n_win * win - len(wave)))
-        feats = fbank.beats_fbank(wave.reshape(n_win, win), sample_rate=SAMPLE_RATE)
+        feats = fbank.tdc_fbank_windows(wave, sample_rate=SAMPLE_RATE, window_s=AUDIO_WINDOW_S)
         toks = np.asarray(self._audio(self.params, feats))  # [W, P, E], time-major
         freq = c.num_mel_bins // c.patch_size
-        per_win = toks.shape[1] // freq
-        seconds_per_patch = AUDIO_WINDOW_S / (feats.shape[1] / c.patch_size)
-        track = toks[:, :per_win * freq].reshape(n_win * per_win * freq, -1)
+        per_win, seconds_per_patch = fbank.beats_step_seconds(feats.shape[1], c.patch_size,
+                                                              AUDIO_WINDOW_S)
+        track = toks[:, :per_win * freq].reshape(feats.shape[0] * per_win * freq, -1)
         return frame_audio_tokens(track, stamps, freq, seconds_per_patch)
 
 

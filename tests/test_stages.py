@@ -11,8 +11,8 @@ import jax
 import numpy as np
 import pytest
 
-from longvid_jax import infer, optim, train
-from longvid_jax.models import lora
+from longvid_jax import infer, model_families, optim, train
+from longvid_jax.models import lora, tdc
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "data" / "samples"
@@ -96,19 +96,26 @@ def _changed(init, final) -> dict[str, bool]:
     return {k: not np.array_equal(flat_i[k], flat_f[k]) for k in flat_i}
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
-def test_stage_trains_exactly_its_trainable_set(runs, stage):
-    c, init, final, metrics = runs[stage]
-    assert [m["step"] for m in metrics] == [1, 2]
-    assert all(np.isfinite(m["loss"]) for m in metrics)
+def _check_moved_exactly_trainable(c, init, final, what: str):
+    """Asserts that every parameter `c.optim.frozen` freezes kept its value and every other
+    one moved (but `_DEAD`); returns ({path: moved}, {path: frozen})."""
     changed = _changed(init, final)
     frozen = {optim.path_str(p): f for p, f in jax.tree_util.tree_leaves_with_path(
         optim.frozen_mask(init, c.optim.frozen))}
     for path, moved in changed.items():
         if frozen[path]:
-            assert not moved, f"stage {stage}: frozen {path} changed"
+            assert not moved, f"{what}: frozen {path} changed"
         elif not _DEAD.fullmatch(path):
-            assert moved, f"stage {stage}: trainable {path} did not change"
+            assert moved, f"{what}: trainable {path} did not change"
+    return changed, frozen
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_stage_trains_exactly_its_trainable_set(runs, stage):
+    c, init, final, metrics = runs[stage]
+    assert [m["step"] for m in metrics] == [1, 2]
+    assert all(np.isfinite(m["loss"]) for m in metrics)
+    changed, frozen = _check_moved_exactly_trainable(c, init, final, f"stage {stage}")
 
     trainable = {p for p, f in frozen.items() if not f}
     n_adapters = lora.lora_param_count(init)
@@ -205,5 +212,76 @@ def test_faithful_tdc_config():
     assert c.model.beats is None and c.model.compressor.audio_width == 0
     with pytest.raises(ValueError, match="bert_vocab"):
         module.get_config("stage=2,size=full,model=tdc")
-    with pytest.raises(ValueError, match="stage 2"):
-        module.get_config("stage=3,model=tdc")
+    with pytest.raises(ValueError, match="stage 1"):
+        module.get_config("stage=1,model=tdc")
+
+    # Stage 3 (scripts/stage3): BEATs audio, LoRA r=128 / alpha 256 / dropout 0.05, LR 2e-5,
+    # batch 1 x 1 x 8, 192 frames: the audio of 192 s in 20 windows, 50 audio tokens on each
+    # static frame in the reserved slots.
+    s3 = module.get_config("stage=3,size=full,model=tdc,bert_vocab=/b/vocab.txt")
+    assert s3.model.beats.width == s3.model.compressor.audio_width == 768
+    assert s3.model.beats.num_classes == 527  # BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2
+    assert (s3.lora.rank, s3.lora.alpha, s3.lora.dropout) == (128, 256.0, 0.05)
+    assert s3.lora.targets == lora.TDC_TARGETS
+    assert (s3.optim.lr, s3.input.batch_size, s3.grad_accum_steps) == (2e-5, 8, 1)
+    assert s3.input.max_frames == 192 and s3.input.beats_windows == 20
+    assert s3.input.num_mel_bins == 0 and s3.input.beats_patch == 16
+    family = model_families.from_config(s3.model)
+    with_audio = tdc.reserved_video_slots(9, family.config)
+    assert with_audio == 9 * (family.config.frame_slots + 50 + 1)  # every frame static
+    frozen = re.compile(s3.optim.frozen[0])
+    for path in ("siglip/x", "dinov2/x", "beats/x", "llm/layers/mlp/up_proj/kernel",
+                 "connector/mm_projector/linear_0/kernel", "compressor/vision_proj/kernel",
+                 "connector/vision_sampler/layer_0/cross_attn/o/kernel"):
+        assert frozen.fullmatch(path), path
+    for path in ("llm/layers/mlp/up_proj/lora_a", "compressor/qformer/layer_3/wi/kernel",
+                 "compressor/frame_seg", "compressor/audio_proj/kernel",
+                 "connector/vision_sampler/layer_2/pos_embed_1",
+                 "connector/vision_sampler/layer_2/cross_attn/o/lora_b"):
+        assert not frozen.fullmatch(path), path
+
+
+def test_faithful_tdc_stage3_trains_adapters_and_listed_modules_with_audio(tmp_path):
+    """configs/tdc.py:stage=3,model=tdc: TDC as released with BEATs audio in the step (the
+    pipeline's 10 s fbank windows through the frozen BEATs, pooled per frame in-graph) trains
+    two steps on the sample clips (they have sound); exactly the LoRA adapters, the Q-Former,
+    `frame_seg`, the SVA `pos_embed_*` and `audio_proj` move, nothing else."""
+    c = _config(3, tmp_path, ",model=tdc")
+    assert c.model.name == "tdc" and c.model.beats is not None
+    assert c.input.beats_windows == 2 and c.input.num_mel_bins == 0  # 16 demo frames: 2 x 10 s
+    # Two clips of more than 3 frames: with at most 2 scene boundaries each has frames that
+    # go through the Q-Former, so its adapters (zero B at step 1) get a gradient at step 2.
+    ann = tmp_path / "av.jsonl"
+    ann.write_text("".join(json.dumps({"video": v, "conversations": [
+        {"from": "human", "value": "<video>\n" + q}, {"from": "gpt", "value": a}]}) + "\n"
+        for v, q, a in [("cockatoo.mp4", "What do you hear?", "Nothing, it is silent."),
+                        ("movie-hello.mp4", "Who speaks?", "A man with a headset.")]))
+    c.input.annotations = str(ann)
+    c.input.max_frames = 6
+    c.model.compressor.qformer.depth = _QFORMER_DEPTH
+    c.model.llm.num_layers = _LLM_LAYERS
+    for part in ("connector", "beats", "siglip", "dinov2"):  # one layer each: compile time
+        c.model[part].depth = 1
+    c.model.max_num_segments = 2
+    init, final, metrics = _train_capturing_init(c, tmp_path / "wd")
+    assert [m["step"] for m in metrics] == [1, 2]
+    assert all(np.isfinite(m["loss"]) and m["target_tokens"] > 0 for m in metrics)
+    assert set(init) == {"siglip", "dinov2", "connector", "compressor", "llm", "beats"}
+    changed, frozen = _check_moved_exactly_trainable(c, init, final, "stage 3, model=tdc")
+    trainable = {p for p, f in frozen.items() if not f}
+    outside = {p for p in trainable if not re.fullmatch(
+        r".*/lora_[ab]|compressor/(qformer/.*|frame_seg|audio_proj/.*)"
+        r"|connector/vision_sampler/layer_[0-9]+/pos_embed_[0-9]+", p)}
+    assert not outside, outside
+    assert {p.split("/")[0] for p in trainable} == {"llm", "compressor", "connector"}
+    for path in ("llm/layers_0/self_attn/q_proj/lora_a", "llm/layers_0/mlp/down_proj/lora_b",
+                 "compressor/vision_proj/lora_b", "compressor/query_proj/lora_a",
+                 "connector/vision_sampler/layer_0/cross_attn/o/lora_b",
+                 "connector/vision_sampler/layer_0/pos_embed_1",
+                 "compressor/audio_proj/kernel", "compressor/frame_seg",
+                 "compressor/qformer/layer_0/cross_attn/key/kernel"):
+        assert changed[path], path
+    for path in ("llm/layers_0/self_attn/q_proj/kernel", "compressor/vision_proj/kernel",
+                 "connector/vision_sampler/layer_0/cross_attn/o/kernel"):
+        assert frozen[path] and not changed[path], path
+    assert lora.lora_param_count(init) > 0 and c.lora.rank == 4

@@ -119,6 +119,38 @@ def test_frame_audio_tokens_pool_each_second():
     assert not none[1].any()  # no audio after 3.84 s
 
 
+def test_in_graph_audio_pooling_equals_the_host_rule():
+    """`tdc.pool_frame_audio` (the training step's pooling) == `frame_audio_tokens` on random
+    BEATs-like tokens (a large common offset, as real features have) and random frame times:
+    skipped seconds, two frames in one second, frames past the end of the track (no audio),
+    the last frame taking the rest; two rows of different track lengths, padding frames."""
+    from longvid_jax.input import fbank
+
+    rng = np.random.default_rng(7)
+    r, e, spp = 8, 6, 10 / (998 / 16)
+    steps_per_win, windows = 62, 3
+    rows = [(2, np.array([0.0, 1.0, 4.0, 4.5, 9.0, 12.0, 17.0])),  # 2 windows: 19.8 s
+            (1, np.array([0.0, 3.0, 6.0, 8.0, 11.0, 13.0, 15.0]))]  # 1 window: 9.9 s
+    tokens = (rng.standard_normal((2, windows * steps_per_win, r, e)) * 3
+              + rng.standard_normal(e) * 40).astype(np.float32)
+    f = 8  # one padding frame per row
+    start, count = np.zeros((2, f), np.int32), np.zeros((2, f), np.int32)
+    mask = np.zeros((2, windows * steps_per_win), bool)
+    want = np.zeros((2, f, 50, e), np.float32)
+    for b, (w, times) in enumerate(rows):
+        n = w * steps_per_win
+        mask[b, :n] = True
+        st, ct = fbank.tdc_frame_audio_steps(times, n, spp)
+        start[b, :len(times)], count[b, :len(times)] = st, ct
+        want[b, :len(times)] = tdc_infer.frame_audio_tokens(
+            tokens[b, :n].reshape(n * r, e), times, r, spp)
+    assert count[1, 4:7].tolist() == [0, 0, 0] and count[0, 5] > 4 * 6  # seconds 12-16
+    assert start[0, 2] == start[0, 3] and count[0, 2] > 0  # 4.0 s and 4.5 s share a second
+    got = jax.jit(tdc.pool_frame_audio)(tokens, start, count, step_mask=mask)
+    assert got.shape == (2, f, 50, e)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-4)
+
+
 def test_missing_tower_or_bert_is_a_clear_error(predictor):
     pred, _ = predictor
     configs = {"siglip": None, "dinov2": None}

@@ -165,6 +165,72 @@ def tdc_windows(num_samples: int, *, sample_rate: int = 16000,
             for k in range(0, seconds, window_s)]
 
 
+def tdc_fbank_windows(waveform: np.ndarray, *, sample_rate: int = 16000,
+                      window_s: int = 10) -> np.ndarray:
+    """BEATs fbank of a whole track in 10 s windows of equal length, as longvid_jax's TDC
+    encodes audio (`tdc_infer.TDCPredictor` and the training pipeline): the waveform is
+    zero-padded to a whole number of windows (at least one), each window gets its own
+    `beats_fbank`. Unlike the original's `tdc_windows` (whole seconds only, a shorter last
+    window) every window has the same `num_fbank_frames(window_s * sample_rate)` frames (998 at
+    16 kHz), so a batch of windows has a static shape; the padding is silence.
+
+    Args:
+      waveform: float[samples] mono in [-1, 1] at `sample_rate` (16 kHz for BEATs).
+      sample_rate: Hz.
+      window_s: window length in seconds.
+
+    Returns:
+      float32[W, A, 128] with W = max(1, ceil(samples / (window_s * sample_rate))).
+
+    Raises:
+      ValueError: if the waveform is not 1-D.
+    """
+    waveform = np.asarray(waveform, dtype=np.float32)
+    if waveform.ndim != 1:
+        raise ValueError(f"waveform must be 1-D, got shape {waveform.shape}")
+    win = window_s * sample_rate
+    n_win = max(1, -(-len(waveform) // win))
+    padded = np.pad(waveform, (0, n_win * win - len(waveform)))
+    return beats_fbank(padded.reshape(n_win, win), sample_rate=sample_rate)
+
+
+def beats_step_seconds(fbank_frames: int, patch_size: int, window_s: int = 10
+                       ) -> tuple[int, float]:
+    """(BEATs time steps per window, seconds per time step) of `tdc_fbank_windows` windows of
+    `fbank_frames` frames: BEATs patches `patch_size` fbank frames per step (the remainder
+    dropped by its stride-16 convolution); a step lasts `window_s / (fbank_frames /
+    patch_size)` s (998 frames, 16: 62 steps of 0.1603 s), as `tdc_infer` has always counted."""
+    return fbank_frames // patch_size, window_s / (fbank_frames / patch_size)
+
+
+def tdc_frame_audio_steps(times: np.ndarray, num_steps: int, seconds_per_step: float
+                          ) -> tuple[np.ndarray, np.ndarray]:
+    """The BEATs time steps each kept frame pools into its audio tokens (TDC's rule as read by
+    longvid_jax: `tdc_infer.frame_audio_tokens` and the training pipeline both use this).
+
+    Step t belongs to second `floor(t * seconds_per_step)`. Frame i (at `times[i]`) takes the
+    steps whose second lies in `[floor(times[i]), floor(times[i + 1]))`, i.e. its own second
+    and the seconds skipped before the next kept frame; at least its own second (two frames in
+    one second share it); the last frame takes everything from its second to the end of the
+    track. Seconds are monotone in t, so each frame's steps form one range.
+
+    Args:
+      times: float[F] kept frame times in seconds, increasing.
+      num_steps: time steps of the whole track (windows x steps per window).
+      seconds_per_step: seconds per time step (`beats_step_seconds`).
+
+    Returns:
+      (start int32[F], count int32[F]): frame i owns steps `[start, start + count)`; count 0
+      when the track ends before the frame's second.
+    """
+    second = np.floor(np.arange(num_steps) * seconds_per_step + 1e-9)
+    lo = np.floor(np.asarray(times, np.float64).reshape(-1))
+    hi = np.maximum(np.append(lo[1:], np.inf), lo + 1)
+    start = np.searchsorted(second, lo, side="left")
+    stop = np.searchsorted(second, hi, side="left")
+    return start.astype(np.int32), np.maximum(stop - start, 0).astype(np.int32)
+
+
 def longvale_chunks(fbank: np.ndarray, *, frame_length: int = 512,
                     n_frames: int | None = None) -> np.ndarray:
     """LongVALE's 5.12 s BEATs chunks of one clip's fbank (`BEATSAudioExtractor.extract`).

@@ -12,7 +12,8 @@ Lq = qformer_text_len):
   segment_ids int32[B, T], positions int32[B, T], qformer_text_ids int32[B, Lq],
   qformer_text_mask bool[B, Lq], record_index int32[B] (-1 on padding rows), num_skipped int32[];
   with `tower_views`, also one float32[B, F, S_v, S_v, 3] array per view and image_sizes
-  int32[B, 2].
+  int32[B, 2]; with `beats_windows` W > 0 (TDC's audio), audio_fbank float32[B, W, Af, 128],
+  audio_window_mask bool[B, W], audio_frame_start / audio_frame_count int32[B, F].
 
 Workers (`num_workers > 0`) are Grain's mp_prefetch processes; absl flags must be parsed first
 (the trainer runs under `absl.app.run`; elsewhere call `absl.flags.FLAGS(["prog"])`).
@@ -62,6 +63,15 @@ class PipelineConfig:
             view, `frames` included, is made from the same aspect-preserving decode by
             `decode.tower_pixels` (`expand2square` with that tower's mean, bicubic resize),
             and `image_sizes` holds the decoded (height, width).
+        beats_windows: W, TDC audio for BEATs (0: none): each record's track as 10 s windows
+            of BEATs fbank (`fbank.tdc_fbank_windows`, Af = 998 frames at 16 kHz), padded to
+            W windows, with each kept frame's BEATs time steps (`fbank.tdc_frame_audio_steps`,
+            the rule `tdc_infer` pools by). The configs use ceil(max_frames / fps / 10): a
+            longer track (a video subsampled to max_frames) is cut after W windows, with a
+            warning, and frames beyond it get fewer or no audio tokens. A clip without an
+            audio track gets silence of its duration, as the Whisper features do; a corrupt
+            audio stream fails the record (`decode.VideoDecodeError`). Needs 16 kHz.
+        beats_patch: fbank frames per BEATs time step (the patch size, 16).
         batch_size: B, examples per batch (per process).
         num_workers: Grain worker processes (0: decode in the main process).
         prefetch_buffer: examples prefetched per process (threads) and per worker.
@@ -89,6 +99,8 @@ class PipelineConfig:
     qformer_text_len: int = 32
     qformer_tokenizer: str | None = None
     tower_views: tuple = ()
+    beats_windows: int = 0
+    beats_patch: int = 16
     batch_size: int = 2
     num_workers: int = 0
     prefetch_buffer: int = 2
@@ -121,6 +133,11 @@ class PipelineConfig:
             raise ValueError("batch_size, max_frames, image_size and fps must be positive")
         if self.num_mel_bins < 0 or self.qformer_text_len < 0 or self.num_workers < 0:
             raise ValueError("num_mel_bins, qformer_text_len and num_workers must be >= 0")
+        if self.beats_windows < 0 or self.beats_patch < 1:
+            raise ValueError("beats_windows must be >= 0 and beats_patch >= 1")
+        if self.beats_windows and self.sample_rate != 16000:
+            raise ValueError(f"BEATs audio (beats_windows > 0) needs sample_rate 16000, got "
+                             f"{self.sample_rate}")
         if self.sample_rate % 100:
             raise ValueError(f"sample_rate must be a multiple of 100 Hz, got {self.sample_rate}")
         if self.num_epochs is not None and self.num_epochs < 1:

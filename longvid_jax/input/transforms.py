@@ -16,7 +16,7 @@ import grain
 import numpy as np
 from absl import logging
 
-from longvid_jax.input import audio, chat, decode
+from longvid_jax.input import audio, chat, decode, fbank
 from longvid_jax.input import tokenizer as tokenizer_lib
 from longvid_jax.input.sources import AnnotationError
 
@@ -62,7 +62,11 @@ class DecodeExample(grain.transforms.Map):
         (by `cfg.qformer_tokenizer` when set, else the LLM tokenizer), truncated, padded;
         record_index int32[] (position in the file);
       with `cfg.tower_views`: one float32[F, S_v, S_v, 3] per view (padding frames 0) and
-        image_sizes int32[2], the decoded frames' (height, width).
+        image_sizes int32[2], the decoded frames' (height, width);
+      with `cfg.beats_windows` W > 0: audio_fbank float32[W, Af, 128] (the track's 10 s BEATs
+        fbank windows, then zeros), audio_window_mask bool[W], audio_frame_start /
+        audio_frame_count int32[F] (each frame's BEATs time steps; 0 on padding frames), see
+        `pipeline.PipelineConfig.beats_windows`.
     A record that fails (`VideoDecodeError`, `AnnotationError`, any ValueError while
     tokenizing) becomes `{ERROR_KEY: message, "video", "index"}` for the batcher to skip.
 
@@ -130,6 +134,7 @@ class DecodeExample(grain.transforms.Map):
             audio_mel[:n], audio_mask[:n] = mel, has_audio
 
         what = f"{record['video']} (record {record['_index']} of {record['_source']})"
+        beats = self._beats_audio(record["video"], clip, what) if cfg.beats_windows else {}
         text = chat.tokenize_conversation(
             record["conversations"], tok, template=cfg.template, system=cfg.system,
             num_video_tokens=int(self.num_video_tokens(n)),
@@ -153,8 +158,31 @@ class DecodeExample(grain.transforms.Map):
             "audio_mel": audio_mel, "audio_mask": audio_mask,
             "input_ids": ids.astype(np.int32), "loss_mask": mask.astype(bool),
             "qformer_text_ids": q_ids, "qformer_text_mask": q_mask,
-            "record_index": np.int32(record["_index"]), **views,
+            "record_index": np.int32(record["_index"]), **views, **beats,
         }
+
+    def _beats_audio(self, path: str, clip: decode.VideoClip, what: str
+                     ) -> dict[str, np.ndarray]:
+        """TDC's audio of one record: BEATs fbank windows and each frame's time steps."""
+        cfg = self.cfg
+        wave = decode.load_audio(path, sample_rate=cfg.sample_rate)
+        if wave is None:  # no audio track: silence of the clip's length
+            wave = np.zeros((int(round(clip.duration * cfg.sample_rate)),), np.float32)
+        feats = fbank.tdc_fbank_windows(wave, sample_rate=cfg.sample_rate)
+        w = min(feats.shape[0], cfg.beats_windows)
+        if len(wave) > (10 * w + 1) * cfg.sample_rate:  # a cut beyond a sub-second tail
+            logging.warning("%s: audio of %.1f s cut to its first %d s (input.beats_windows=%d)",
+                            what, len(wave) / cfg.sample_rate, 10 * w, w)
+        out = np.zeros((cfg.beats_windows,) + feats.shape[1:], np.float32)
+        out[:w] = feats[:w]
+        steps, seconds = fbank.beats_step_seconds(feats.shape[1], cfg.beats_patch)
+        start, count = fbank.tdc_frame_audio_steps(clip.timestamps, w * steps, seconds)
+        n = len(clip.timestamps)
+        starts = np.zeros((cfg.max_frames,), np.int32)
+        counts = np.zeros((cfg.max_frames,), np.int32)
+        starts[:n], counts[:n] = start, count
+        return {"audio_fbank": out, "audio_window_mask": np.arange(cfg.beats_windows) < w,
+                "audio_frame_start": starts, "audio_frame_count": counts}
 
 
 def pad_id(tok) -> int:

@@ -57,14 +57,19 @@ from longvid_jax.variants import config_from_variant
 LORA_RANK = "lora_rank"  # logical name of the rank axis (replicated: no rule maps it)
 
 # TDC stage 3 (Hoar012/TDC-Video `tdc/train.py`, `find_all_linear_names`): PEFT targets the
-# linear layers named q/k/v/o/gate/up/down_proj (LLM), query/key/value/dense/decoder (LAVIS
-# BERT Q-Former) and vision_proj/query_proj. In this package the BERT `attention.output.dense`
-# is `out`, `intermediate(_query).dense` is `wi`, `output(_query).dense` is `wo`; the BERT
-# `cls.predictions.decoder` head is not built (TDC never uses it), and the SVA connector's
-# q/k/v/o_proj are absent because the composite pools instead of running the SVA.
+# linear layers whose name ends in q/k/v/o/gate/up/down_proj (LLM; its q_proj as
+# "self_attn.q_proj"), query/key/value/dense/decoder (LAVIS BERT Q-Former) and
+# vision_proj/query_proj. PEFT matches name suffixes, so the SVA connector's
+# `cross_attn.o_proj` (a Linear; here `connector/vision_sampler/layer_i/cross_attn/o`) gets an
+# adapter too, while its q_proj / k_proj_i / v_proj_i (LayerNorm + Linear sequences) do not.
+# In this package the BERT `attention.output.dense` is `out`, `intermediate(_query).dense` is
+# `wi`, `output(_query).dense` is `wo`; the BERT `cls.predictions.decoder` head is not built
+# (TDC never uses it). The simplified `VideoLLM` has no SVA, so the connector term matches
+# nothing there.
 TDC_TARGETS = ("llm/.*/(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
                "|compressor/qformer/.*/(query|key|value|out|wi|wo)"
-               "|compressor/(vision_proj|query_proj)")
+               "|compressor/(vision_proj|query_proj)"
+               "|connector/vision_sampler/layer_[0-9]+/cross_attn/o")
 
 _INITS = ("kaiming_uniform", "gaussian")
 

@@ -211,6 +211,53 @@ def overflow_keep(token_mask: Bool[Array, "B N"], token_frame: Int[Array, "B N"]
     return keep & (rank < max_visual_len[:, None])
 
 
+def pool_frame_audio(tokens: Float[Array, "B A R E"], start: Int[Array, "B F"],
+                     count: Int[Array, "B F"], *, step_mask: Bool[Array, "B A"] | None = None,
+                     num_out: int = AUDIO_TOKENS_PER_FRAME) -> Float[Array, "B F Q E"]:
+    """Each frame's audio tokens, in-graph: `tdc_infer.frame_audio_tokens` for a batch.
+
+    Frame f of row b owns the BEATs time steps `[start, start + count)`
+    (`input.fbank.tdc_frame_audio_steps`, computed on the host); their `count * R` tokens
+    (time-major, all R frequency patches of a step in order) are average-pooled to `num_out`
+    (`adaptive_avg_pool1d`: output j averages tokens `[floor(j n / Q), ceil((j + 1) n / Q))` of
+    the frame's n); a frame with count 0 gets zeros. Static shapes, no host loop: one
+    cumulative sum over the row's flattened tokens, and each output is a difference of two of
+    its entries divided by the bin's size. The tokens are centred first (minus their mean over
+    `step_mask`'s steps; the mean is added back), which keeps the float32 prefix sums small:
+    with BEATs features of a consistent sign they would otherwise grow with the track and
+    lose precision in the differences.
+
+    Args:
+      tokens: float[B, A, R, E] BEATs tokens of each row's whole track (A time steps: the
+        windows one after another; R, a local letter, frequency patches: 8 for 128 mel bins).
+      start, count: int32[B, F] each frame's steps (count 0: no audio; padding frames too).
+      step_mask: bool[B, A] steps that hold the track (for the centring only; None: all).
+      num_out: Q, tokens per frame (TDC: 50).
+
+    Returns:
+      float32[B, F, Q, E].
+    """
+    b, s, r, e = tokens.shape
+    x = tokens.reshape(b, s * r, e).astype(jnp.float32)
+    if step_mask is None:
+        step_mask = jnp.ones((b, s), bool)
+    w = jnp.repeat(step_mask, r, axis=1).astype(jnp.float32)[..., None]  # [B, A*R, 1]
+    center = (x * w).sum(axis=1, keepdims=True) / jnp.maximum(w.sum(axis=1, keepdims=True), 1)
+    prefix = jnp.concatenate([jnp.zeros((b, 1, e), jnp.float32),
+                              jnp.cumsum(x - center, axis=1)], axis=1)  # [B, A*R + 1, E]
+    n = (count * r)[..., None]  # [B, F, 1] tokens of each frame
+    j = jnp.arange(num_out, dtype=jnp.int32)
+    lo = (start * r)[..., None] + (j * n) // num_out  # [B, F, Q]
+    hi = (start * r)[..., None] + -(-((j + 1) * n) // num_out)
+    f = start.shape[1]
+
+    def at(idx):
+        return jnp.take_along_axis(prefix, idx.reshape(b, f * num_out, 1), axis=1)
+
+    mean = (at(hi) - at(lo)) / jnp.maximum(hi - lo, 1).reshape(b, f * num_out, 1) + center
+    return jnp.where(n[..., None] > 0, mean.reshape(b, f, num_out, e), 0.0)
+
+
 class TDCModel(nn.Module):
     """TDC (`CambrianQwenForCausalLM` / `CambrianLlamaForCausalLM` with the TDC compressor).
 
@@ -327,7 +374,11 @@ class TDCModel(nn.Module):
             (the pipeline's `tower_views`),
             `frame_mask` bool[B, F] (a prefix; at most `scene_split.MAX_FRAMES` frames),
             optional `image_sizes` int32[B, 2] (each video's (height, width) before
-            `expand2square`), `audio_tokens` float[B, F, A, Ea] (BEATs tokens per frame),
+            `expand2square`), audio as `audio_tokens` float[B, F, A, Ea] (BEATs tokens per
+            frame) or as the pipeline's `audio_fbank` float[B, W, Af, C] (10 s BEATs fbank
+            windows), `audio_window_mask` bool[B, W], `audio_frame_start` /
+            `audio_frame_count` int32[B, F] (run through the frozen BEATs and pooled per frame
+            in-graph: `frame_audio`),
             `qformer_text_ids` / `qformer_text_mask` [B, Tq] (the instruction in BERT ids),
             and the prompt `input_ids`, `positions`, `segment_ids` int32[B, T], `loss_mask`
             bool[B, T], whose `VIDEO_TOKEN_INDEX` slots (one run per row) number at least
@@ -357,6 +408,9 @@ class TDCModel(nn.Module):
         starts = scene_split.segment_starts(dino_feats, batch["frame_mask"],
                                             max_num_segments=c.max_num_segments)
         audio = batch.get("audio_tokens")
+        if audio is None and "audio_fbank" in batch:
+            audio = self.frame_audio(batch["audio_fbank"], batch["audio_window_mask"],
+                                     batch["audio_frame_start"], batch["audio_frame_count"])
         a = 0 if audio is None else audio.shape[2]
         if max_tokens is None:
             max_tokens = qformer.max_video_tokens(f, c.frame_slots, a, c.compressor,
@@ -386,6 +440,31 @@ class TDCModel(nn.Module):
                          video)
         return hidden, {"batch": prompt, "num_video_tokens": num_video,
                         "segment_starts": starts}
+
+    def frame_audio(self, fbank: Float[Array, "B W Af C"], window_mask: Bool[Array, "B W"],
+                    start: Int[Array, "B F"], count: Int[Array, "B F"],
+                    ) -> Float[Array, "B F Q Ea"]:
+        """Per-frame audio tokens of a training batch: BEATs (frozen: its output is a constant
+        of the step) over every 10 s window, then `pool_frame_audio` with the frames' step
+        ranges, as `tdc_infer` (`_track_tokens` + `frame_audio_tokens`) does on the host.
+
+        Args:
+          fbank: float[B, W, Af, C] `input.fbank.tdc_fbank_windows` of each row's track,
+            padding windows after it (any values: no frame reads them).
+          window_mask: bool[B, W] the track's windows.
+          start, count: int32[B, F] BEATs time steps of each frame
+            (`input.fbank.tdc_frame_audio_steps` over the row's windows).
+
+        Returns:
+          float32[B, F, 50, Ea].
+        """
+        b, w = fbank.shape[:2]
+        tokens = jax.lax.stop_gradient(self.encode_audio(fbank.reshape(b * w, *fbank.shape[2:])))
+        r = self.config.beats.mel_patches
+        steps = tokens.shape[1] // r  # per window
+        tokens = tokens.reshape(b, w * steps, r, tokens.shape[-1])
+        return pool_frame_audio(tokens, start, count,
+                                step_mask=jnp.repeat(window_mask, steps, axis=1))
 
     def encode_audio(self, fbank: Float[Array, "W A C"]) -> Float[Array, "W P Ea"]:
         """BEATs tokens of audio windows (TDC: 10 s windows of `input.fbank.beats_fbank`, about

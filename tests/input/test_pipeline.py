@@ -248,3 +248,39 @@ def test_tower_views_and_wordpiece_qformer_text(tmp_path, media_dir, qwen2):
     assert ex["qformer_text_mask"].tolist() == [True] * 6 + [False] * 2
     with pytest.raises(ValueError, match="tower_views"):
         pipeline.PipelineConfig(annotations="a", tower_views=[("x", 8, (0.5,), (0.5,))])
+
+
+def test_beats_audio_windows_and_frame_steps(tmp_path, media_dir, qwen2):
+    """TDC's audio (`beats_windows` > 0): the track's 10 s BEATs fbank windows padded to W, and
+    each kept frame's BEATs time steps under `fbank.tdc_frame_audio_steps` (5 frames at 0, 2,
+    4, 6 and 8 s of an 8.3 s clip: each skipped second goes to the frame before it, the last
+    frame takes the rest); a clip without a sound track gets silence of its duration."""
+    from longvid_jax.input import fbank
+
+    remux_without_audio(media_dir / "movie-hello.mp4", tmp_path / "silent.mp4")
+    cfg = pipeline.PipelineConfig(annotations="unused.json", max_frames=5, image_size=32,
+                                  num_mel_bins=0, length_buckets=(128,), beats_windows=2)
+    decoder = DecodeExample(cfg=cfg, num_video_tokens=video_tokens)
+    for name in ("movie-hello.mp4", "silent"):
+        path = str(media_dir / name) if name.endswith(".mp4") else str(tmp_path / "silent.mp4")
+        ex = decoder.map({"video": path, "conversations": CONVS[0], "_index": 0,
+                          "_source": "inline"})
+        assert "_failed" not in ex, ex
+        clip = decode.load_video(path, fps=1.0, max_frames=5, size=32)
+        wave = decode.load_audio(path)
+        if wave is None:
+            wave = np.zeros(int(round(clip.duration * 16000)), np.float32)
+        want = fbank.tdc_fbank_windows(wave)
+        assert want.shape == (1, 998, 128) and ex["audio_fbank"].shape == (2, 998, 128)
+        np.testing.assert_array_equal(ex["audio_fbank"][0], want[0])
+        assert not ex["audio_fbank"][1].any()
+        assert ex["audio_window_mask"].tolist() == [True, False]
+        steps, seconds = fbank.beats_step_seconds(998, 16)
+        start, count = fbank.tdc_frame_audio_steps(clip.timestamps, steps, seconds)
+        assert np.round(clip.timestamps).tolist() == [0, 2, 4, 6, 8]
+        assert ex["audio_frame_start"].tolist() == start.tolist()
+        assert ex["audio_frame_count"].tolist() == count.tolist()
+        assert count.sum() == steps and count[-1] == steps - start[-1]  # the last: to the end
+        assert 12 <= count[0] <= 13  # seconds 0 and 1 (1 skipped)
+    with pytest.raises(ValueError, match="16000"):
+        pipeline.PipelineConfig(annotations="a", beats_windows=1, sample_rate=8000)
