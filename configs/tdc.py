@@ -17,14 +17,14 @@ overridden with --config.<path>=<value>.
 
 model=tdc trains TDC as released (`longvid_jax.models.tdc.TDCModel`: SigLIP + DINOv2 towers,
 the SVA connector, the in-graph scene split, the compressor reading the instruction in BERT
-WordPiece ids from `bert_vocab` (bert-base-uncased vocab.txt; required at full size), the
-per-chunk overflow trim), for stages 2 and 3 and the demo so far; with audio (stage 3, the
-demo) BEATs runs frozen inside the step on the pipeline's 10 s fbank windows
+WordPiece ids from `bert_vocab` (bert-base-uncased vocab.txt; required at full size from
+stage 2 on), the per-chunk overflow trim), for all three stages and the demo; with audio
+(stage 3, the demo) BEATs runs frozen inside the step on the pipeline's 10 s fbank windows
 (`input.beats_windows` = ceil(max_frames / fps / 10): a longer track is cut) and each frame's
 BEATs steps (its second and the skipped seconds after it) are pooled to 50 tokens in-graph, as
 `tdc_infer` does. model=simplified (the default) is the earlier stand-in `VideoLLM`: one tower
 with pooling instead of the SVA connector, Whisper audio, the LLM tokenizer's ids for the
-Q-Former; it serves all three stages. Stage 1 runs only with model=simplified so far.
+Q-Former; it serves all three stages.
 
 The stages (`scripts/stage{1,2,3}/*.sh` of the original; all: AdamW, cosine schedule, warmup
 ratio 0.03, weight decay 0, 1 epoch, bf16, sequences up to 8192 tokens = the largest length
@@ -38,6 +38,14 @@ per-GPU batch x `grad_accum_steps` x 8, as the original's per-device x accumulat
            must be given as one-frame clips until it reads image files (a known limitation).
            No audio. Trained: the LLM and the projector; frozen: the vision tower and the TDC
            compressor (TDC creates its Q-Former only in stage 2). LR 1e-5; batch 4 x 2 x 8.
+           model=tdc builds the LongVU image model instead: 576 SVA queries (24 x 24, one
+           query per tower-grid cell, so the windows hold one token per tower and there is no
+           `pos_embed`), `image_newline` after each row (24 x 25 = 600 slots for a square
+           image, fewer after unpadding: the row reserves 600 and the step drops the unused),
+           no compressor, no frame separator; trained: everything but SigLIP / DINOv2. The
+           image is still a one-frame clip (the same limitation); its decoded (height, width)
+           is read as such (`connector.swap_image_size_hw=False`), as the original reads the
+           PIL size of an image (the swap is its video path's quirk).
   stage=2  video instruction tuning. Data: TDC stage-2 video JSON (LLaVA conversations with
            `<image>` / `<video>`), 1 fps, 144 tokens per static frame (12x12), up to 224
            frames (28 chunks x 264 tokens = 7392 video tokens), no audio. Trained: everything
@@ -107,26 +115,41 @@ def _all_but(patterns) -> str:
     return "(?!" + "|".join(f"(?:{p})$" for p in patterns) + ").*"
 
 
-def _tdc_model(demo: bool, llm: str, audio: bool) -> tdc.TDCConfig:
+def _tdc_model(demo: bool, llm: str, audio: bool, images: bool) -> tdc.TDCConfig:
     """TDC as released: the tiny test variant with a Qwen2-vocabulary LLM (demo), or the
     released sizes in bf16 with the trainer's LLM settings; with `audio` BEATs (the tiny one at
-    demo size, BEATs_iter3_plus_AS2M at full size) feeds the compressor, else no audio."""
-    no_audio = {} if audio else dict(beats=None)
+    demo size, BEATs_iter3_plus_AS2M at full size) feeds the compressor, else no audio.
+
+    `images`: the stage-1 model (LongVU_*_img config): one query per tower-grid cell (24 x 24
+    = 576 at full size, so each query's window is one token per tower and the SVA has no
+    `pos_embed`), no compressor, no audio, and `image_sizes` read as the (height, width) they
+    are (the original's images carry PIL's (width, height), read correctly; the (H, W) swap
+    is its video path's quirk)."""
+    parts: dict = {} if audio else dict(beats=None)
+    if images:
+        parts.update(compressor=None, beats=None)
     if demo:
         width = 128
+        connector = dict(llm_width=width)
+        if images:
+            connector.update(query_grid=tdc.VARIANTS["tiny"]["tower_grid"],
+                             swap_image_size_hw=False)
+        else:
+            parts["compressor"] = dict(llm_width=width, num_tokens=4,
+                                       audio_width=_beats_width("tiny") if audio else 0,
+                                       qformer=dict(variant="tiny", vocab_size=_QWEN_VOCAB))
         return tdc.make_config(
-            "tiny", **no_audio,
+            "tiny", **parts,
             llm=dict(variant="tiny", vocab_size=_QWEN_VOCAB, tie_embeddings=True,
                      hidden_size=width, head_dim=32, mlp_dim=384, attention_impl="auto",
                      packed_sequences=False),
-            connector=dict(llm_width=width),
-            compressor=dict(llm_width=width, num_tokens=4,
-                            audio_width=_beats_width("tiny") if audio else 0,
-                            qformer=dict(variant="tiny", vocab_size=_QWEN_VOCAB)))
+            connector=connector)
+    if images:
+        parts["connector"] = dict(query_grid=tdc.TOWER_GRID, swap_image_size_hw=False)
+    else:
+        parts["compressor"] = dict(audio_width=_beats_width("iter3_as2m") if audio else 0)
     return tdc.make_config(
-        llm, **no_audio, compressor=dict(audio_width=_beats_width("iter3_as2m") if audio
-                                         else 0),
-        dtype="bfloat16",
+        llm, **parts, dtype="bfloat16",
         llm=dict(attention_impl="auto", packed_sequences=False, scan_layers=True,
                  remat_policy="dots_attention"))
 
@@ -155,10 +178,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     demo = arg.size == "demo"
     stage = int(arg.stage or 0)
     faithful = arg.model == "tdc"
-    if faithful and stage == 1:
-        raise ValueError("model=tdc trains stages 2 and 3 (and the demo) so far; stage 1 runs "
-                         "with model=simplified")
-    if faithful and not demo and not arg.bert_vocab:
+    if faithful and not demo and not arg.bert_vocab and stage != 1:
         raise ValueError("model=tdc at full size reads the instruction in BERT WordPiece ids: "
                          "pass bert_vocab=/path/to/bert-base-uncased/vocab.txt")
     with_audio = stage in (0, 3)
@@ -211,7 +231,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if not with_audio:
         c.model.audio = None
     if faithful:
-        tdc_cfg = _tdc_model(demo, arg.llm, with_audio)
+        tdc_cfg = _tdc_model(demo, arg.llm, with_audio, images=stage == 1)
         c.model = ml_collections.ConfigDict(dict(name="tdc", **dataclasses.asdict(tdc_cfg)))
 
     # LoRA (longvid_jax/models/lora.py; rank 0 = off): adapters on the modules whose path fully
@@ -252,6 +272,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # ones and cuts rows to model.max_context, so buckets may exceed 8192.
         c.input.length_buckets = ((256, 512, 1024, 2048) if demo
                                   else (2048, 4096, 8192, 16384))
+        if stage == 1:  # no Q-Former; an image reserves its 24 x 25 slots
+            c.input.qformer_text_len = 0
+            c.input.qformer_tokenizer = None
+            c.input.length_buckets = (256, 512) if demo else (1024, 2048, 4096, 8192)
         # Audio for BEATs instead of Whisper features: the track in 10 s fbank windows, enough
         # windows for max_frames seconds (a longer track is cut), and each frame's time steps.
         c.input.num_mel_bins = 0
@@ -272,12 +296,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim.eps = 1e-8
     c.optim.grad_clip_norm = 1.0
     # Path regexes (fully matched) of the parameters that never change.
-    if stage == 1:
-        c.optim.frozen = ("vision_tower/.*", "audio_encoder/.*", "compressor/.*")
-    elif stage == 3:
+    if stage == 3:
         c.optim.frozen = (_all_but(_STAGE3_TRAINABLE),)
-    elif faithful:
+    elif faithful:  # stages 1 and 2: everything but the towers (stage 1 has no compressor)
         c.optim.frozen = ("siglip/.*", "dinov2/.*")
+    elif stage == 1:
+        c.optim.frozen = ("vision_tower/.*", "audio_encoder/.*", "compressor/.*")
     else:
         c.optim.frozen = ("vision_tower/.*", "audio_encoder/.*")
 

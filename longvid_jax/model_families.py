@@ -67,7 +67,7 @@ class ModelFamily:
     def vocab_tables(self) -> dict[str, tuple[int, bool]]:
         """{config name: (embedding rows, read with the Q-Former tokenizer?)}."""
         tables = {"model.llm.vocab_size": (self.config.llm.vocab_size, False)}
-        if self.config.compressor.text_input:
+        if self.config.compressor is not None and self.config.compressor.text_input:
             tables[self._qformer_vocab_field] = (self.config.compressor.qformer.vocab_size,
                                                  True)
         return tables
@@ -116,10 +116,11 @@ class VideoLLMFamily(ModelFamily):
 
 class TDCFamily(ModelFamily):
     """`TDCModel` (see the module docstring). `config.model` holds `variant` (a
-    `tdc.VARIANTS` key) and per-part overrides (`siglip`, `dinov2`, `connector`, `compressor`,
-    `llm`, `beats`, `max_num_segments`, ...). The pipeline must give the DINOv2 view as
-    `dino_frames` (`input.tower_views`) and, with `beats`, the audio (`input.beats_windows`
-    > 0: `audio_fbank`, `audio_window_mask`, `audio_frame_start`, `audio_frame_count`)."""
+    `tdc.VARIANTS` key) and per-part overrides (`siglip`, `dinov2`, `connector`, `compressor`
+    (None: the stage-1 model), `llm`, `beats`, `max_num_segments`, ...). The pipeline must
+    give the DINOv2 view as `dino_frames` (`input.tower_views`) and, with `beats`, the audio
+    (`input.beats_windows` > 0: `audio_fbank`, `audio_window_mask`, `audio_frame_start`,
+    `audio_frame_count`)."""
 
     name = "tdc"
     _qformer_vocab_field = "model.compressor.qformer.vocab_size"

@@ -103,6 +103,9 @@ class TDCPredictor:
             self.config, configs = configs, {}
         else:
             self.config = model_config(configs)
+        if self.config.compressor is None:
+            raise ValueError("a stage-1 TDC model (images, no compressor) does not answer "
+                             "about videos: train stage 2 from it first")
         if self.config.compressor.text_input and bert_tokenizer is None:
             raise ValueError("this TDC compressor reads the question: pass bert_tokenizer "
                              "(bert-base-uncased vocab.txt)")

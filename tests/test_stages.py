@@ -212,8 +212,15 @@ def test_faithful_tdc_config():
     assert c.model.beats is None and c.model.compressor.audio_width == 0
     with pytest.raises(ValueError, match="bert_vocab"):
         module.get_config("stage=2,size=full,model=tdc")
-    with pytest.raises(ValueError, match="stage 1"):
-        module.get_config("stage=1,model=tdc")
+
+    # Stage 1 (scripts/stage1, LongVU_*_img): 576 queries, 24 x 25 tokens per square image,
+    # no compressor (no BERT vocabulary needed), towers frozen, LR 1e-5, batch 4 x 2 x 8.
+    s1 = module.get_config("stage=1,size=full,model=tdc")
+    assert s1.model.compressor is None and s1.model.connector.query_grid == 24
+    assert tdc.reserved_video_slots(1, model_families.from_config(s1.model).config) == 600
+    assert (s1.optim.lr, s1.input.batch_size, s1.grad_accum_steps) == (1e-5, 64, 2)
+    assert s1.optim.frozen == ("siglip/.*", "dinov2/.*") and s1.input.max_frames == 1
+    assert max(s1.input.length_buckets) == 8192 and s1.input.qformer_text_len == 0
 
     # Stage 3 (scripts/stage3): BEATs audio, LoRA r=128 / alpha 256 / dropout 0.05, LR 2e-5,
     # batch 1 x 1 x 8, 192 frames: the audio of 192 s in 20 windows, 50 audio tokens on each
@@ -285,3 +292,24 @@ def test_faithful_tdc_stage3_trains_adapters_and_listed_modules_with_audio(tmp_p
                  "connector/vision_sampler/layer_0/cross_attn/o/kernel"):
         assert frozen[path] and not changed[path], path
     assert lora.lora_param_count(init) > 0 and c.lora.rank == 4
+
+
+def test_faithful_tdc_stage1_trains_all_but_the_towers_on_single_frames(tmp_path):
+    """configs/tdc.py:stage=1,model=tdc: the LongVU image model (one SVA query per tower cell,
+    so no `pos_embed`; `image_newline` per row; no compressor) trains two steps on one-frame
+    clips; SigLIP / DINOv2 stay put, every connector and LLM leaf moves."""
+    c = _config(1, tmp_path, ",model=tdc")
+    assert c.model.compressor is None and c.model.beats is None and c.input.max_frames == 1
+    assert c.model.connector.query_grid == c.model.tower_grid  # windows of one token
+    assert not c.model.connector.swap_image_size_hw  # images: (height, width) read as such
+    c.model.llm.num_layers = _LLM_LAYERS
+    for part in ("connector", "siglip", "dinov2"):  # one layer each: compile time
+        c.model[part].depth = 1
+    init, final, metrics = _train_capturing_init(c, tmp_path / "wd")
+    assert [m["step"] for m in metrics] == [1, 2]
+    assert all(np.isfinite(m["loss"]) and m["target_tokens"] > 0 for m in metrics)
+    assert set(init) == {"siglip", "dinov2", "connector", "llm"}
+    changed, frozen = _check_moved_exactly_trainable(c, init, final, "stage 1, model=tdc")
+    assert {p.split("/")[0] for p, f in frozen.items() if not f} == {"connector", "llm"}
+    assert not any("pos_embed" in p for p in changed if p.startswith("connector/"))
+    assert changed["connector/image_newline"] and changed["connector/vision_query"]

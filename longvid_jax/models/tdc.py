@@ -55,7 +55,9 @@ class TDCConfig:
       dinov2: DINOv2 tower (`dinov2.Dinov2Config`, class token dropped).
       connector: `sva.SVAConfig`; its `tower_grids` are the interpolated grids and its
         `swap_image_size_hw` the original's (H, W) quirk (True for the released weights).
-      compressor: `qformer.TDCCompressorConfig` (`audio_width` 0 without audio).
+      compressor: `qformer.TDCCompressorConfig` (`audio_width` 0 without audio), or None: the
+        stage-1 model (LongVU_*_img config: single images, no compressor, which TDC creates
+        only in stage 2), whose video tokens are each frame's connector tokens in order.
       llm: `decoder.DecoderConfig`.
       beats: `beats.BEATsConfig` of the audio tower, or None without audio.
       tower_grid: side both towers' token grids are resized to (bilinear, as the original's
@@ -69,7 +71,7 @@ class TDCConfig:
     siglip: vit.ViTConfig
     dinov2: dinov2.Dinov2Config
     connector: sva.SVAConfig
-    compressor: qformer.TDCCompressorConfig
+    compressor: qformer.TDCCompressorConfig | None
     llm: decoder.DecoderConfig
     beats: beats_lib.BEATsConfig | None = None
     tower_grid: int = TOWER_GRID
@@ -86,10 +88,16 @@ class TDCConfig:
                              f"({self.tower_grid}, {self.tower_grid})")
         if self.dinov2.keep_cls:
             raise ValueError("TDC drops DINOv2's class token: dinov2.keep_cls must be False")
-        for name, width in (("connector.llm_width", self.connector.llm_width),
-                            ("compressor.llm_width", self.compressor.llm_width)):
+        widths = [("connector.llm_width", self.connector.llm_width)]
+        if self.compressor is not None:
+            widths.append(("compressor.llm_width", self.compressor.llm_width))
+        for name, width in widths:
             if width != self.llm.hidden_size:
                 raise ValueError(f"{name} {width} != llm.hidden_size {self.llm.hidden_size}")
+        if self.compressor is None:
+            if self.beats is not None:
+                raise ValueError("audio needs the compressor: beats must be None without one")
+            return
         if (self.beats is None) != (self.compressor.audio_width == 0):
             raise ValueError("give a beats config exactly when compressor.audio_width > 0")
         if self.beats is not None and self.beats.width != self.compressor.audio_width:
@@ -158,8 +166,8 @@ def make_config(variant: str | None = None, **overrides: Any) -> TDCConfig:
             if name in overrides:
                 part.update(value)
             value = builders[name]({**part, **common})
-        if value is not None:
-            kw[name] = value
+        if value is not None or (name == "compressor" and name in overrides):
+            kw[name] = value  # compressor=None given: the stage-1 model
     missing = sorted({"siglip", "dinov2", "connector", "compressor", "llm"} - set(kw))
     if missing:
         raise ValueError(f"TDCConfig parts {missing} not given (variant={variant!r})")
@@ -169,7 +177,11 @@ def make_config(variant: str | None = None, **overrides: Any) -> TDCConfig:
 def reserved_video_slots(num_frames: int, config: TDCConfig) -> int:
     """Video placeholders a training prompt reserves for `num_frames` valid frames: the most
     tokens any scene split can give (`qformer.max_video_tokens`), at most what the context can
-    hold (`max_context - 16`); `forward_batch` drops the slots its split leaves unused."""
+    hold (`max_context - 16`); `forward_batch` drops the slots its split leaves unused. Without
+    a compressor (stage 1) every frame's `frame_slots` (its unpadded count depends on the
+    aspect ratio)."""
+    if config.compressor is None:
+        return min(num_frames * config.frame_slots, config.max_context - INFERENCE_MAX_LENGTH)
     audio = 0 if config.beats is None else AUDIO_TOKENS_PER_FRAME
     most = qformer.max_video_tokens(num_frames, config.frame_slots, audio, config.compressor,
                                     config.max_num_segments)
@@ -273,7 +285,8 @@ class TDCModel(nn.Module):
         self.siglip = vit.ViT(c.siglip)
         self.dinov2 = dinov2.Dinov2(c.dinov2)
         self.connector = sva.SVAConnector(c.connector)
-        self.compressor = qformer.TDCCompressor(c.compressor)
+        if c.compressor is not None:
+            self.compressor = qformer.TDCCompressor(c.compressor)
         self.llm = decoder.Decoder(c.llm)
         if c.beats is not None:
             self.beats = beats_lib.BEATs(c.beats)
@@ -388,6 +401,10 @@ class TDCModel(nn.Module):
           tower_gradients: let gradients flow into SigLIP / DINOv2 (TDC freezes them: by
             default their outputs are constants of the step, which skips their backward).
 
+        Without a compressor (the stage-1 model) there is no split, audio or Q-Former text:
+        the video tokens are each valid frame's connector tokens (rows with `image_newline`)
+        in order, cut to what fits the context, and `segment_starts` is None.
+
         Returns:
           (hidden [B, T, D] over the compacted prompt, aux) with aux `batch` (the prompt
           fields after `drop_unused_video_slots`: compute targets from these),
@@ -404,6 +421,37 @@ class TDCModel(nn.Module):
         tokens, counts, aux = self.encode_frames(
             sig.reshape(b * f, *sig.shape[2:]), dino.reshape(b * f, *dino.shape[2:]), sizes,
             stop_tower_gradients=not tower_gradients)
+        ids = batch["input_ids"]
+        is_video = ids == VIDEO_TOKEN_INDEX
+        text_len = ((batch["segment_ids"] > 0) & ~is_video).sum(axis=1)
+        max_visual = (c.max_context - INFERENCE_MAX_LENGTH - text_len).astype(jnp.int32)
+        if c.compressor is None:  # stage 1: each frame's valid tokens, in order
+            slots = tokens.shape[1]
+            valid = ((jnp.arange(slots)[None, None] < counts.reshape(b, f, 1))
+                     & batch["frame_mask"][:, :, None]).reshape(b, f * slots)
+            video, starts = tokens.reshape(b, f * slots, -1), None
+            keep = valid & (jnp.cumsum(valid, axis=1) <= max_visual[:, None])
+        else:
+            video, keep, starts = self._compress_batch(batch, tokens, counts, aux, max_visual,
+                                                       max_tokens)
+        order = jnp.argsort(~keep, axis=1, stable=True)
+        video = jnp.take_along_axis(video, order[..., None], axis=1)
+        num_video = keep.sum(axis=1).astype(jnp.int32)
+        prompt = drop_unused_video_slots(
+            {k: batch[k] for k in ("input_ids", "positions", "segment_ids", "loss_mask")},
+            num_video)
+        if ids.shape[1] > c.max_context:  # compacted rows fit the context: cut the padding
+            prompt = {k: v[:, :c.max_context] for k, v in prompt.items()}
+        hidden, _ = self(prompt["input_ids"], prompt["positions"], prompt["segment_ids"],
+                         video)
+        return hidden, {"batch": prompt, "num_video_tokens": num_video,
+                        "segment_starts": starts}
+
+    def _compress_batch(self, batch, tokens, counts, aux, max_visual, max_tokens):
+        """`forward_batch`'s scene split, audio and compressor: (video tokens [B, N, D], kept
+        tokens bool[B, N] under the overflow rule, segment starts bool[B, F])."""
+        c = self.config
+        b, f = batch["frame_mask"].shape
         dino_feats = aux["dino_features"].reshape(b, f, *aux["dino_features"].shape[1:])
         starts = scene_split.segment_starts(dino_feats, batch["frame_mask"],
                                             max_num_segments=c.max_num_segments)
@@ -422,24 +470,9 @@ class TDCModel(nn.Module):
             text_ids=batch.get("qformer_text_ids") if use_text else None,
             text_mask=batch.get("qformer_text_mask") if use_text else None,
             max_tokens=max_tokens)
-        ids = batch["input_ids"]
-        is_video = ids == VIDEO_TOKEN_INDEX
-        text_len = ((batch["segment_ids"] > 0) & ~is_video).sum(axis=1)
         keep = overflow_keep(vmask, caux["token_frame"], caux["frame_token_lengths"],
-                             caux["is_static"],
-                             (c.max_context - INFERENCE_MAX_LENGTH - text_len).astype(jnp.int32))
-        order = jnp.argsort(~keep, axis=1, stable=True)
-        video = jnp.take_along_axis(video, order[..., None], axis=1)
-        num_video = keep.sum(axis=1).astype(jnp.int32)
-        prompt = drop_unused_video_slots(
-            {k: batch[k] for k in ("input_ids", "positions", "segment_ids", "loss_mask")},
-            num_video)
-        if ids.shape[1] > c.max_context:  # compacted rows fit the context: cut the padding
-            prompt = {k: v[:, :c.max_context] for k, v in prompt.items()}
-        hidden, _ = self(prompt["input_ids"], prompt["positions"], prompt["segment_ids"],
-                         video)
-        return hidden, {"batch": prompt, "num_video_tokens": num_video,
-                        "segment_starts": starts}
+                             caux["is_static"], max_visual)
+        return video, keep, starts
 
     def frame_audio(self, fbank: Float[Array, "B W Af C"], window_mask: Bool[Array, "B W"],
                     start: Int[Array, "B F"], count: Int[Array, "B F"],
@@ -481,7 +514,8 @@ class TDCModel(nn.Module):
 def init_params(model: TDCModel, rng: jax.Array, *, frames: int = 2, text_len: int = 8,
                 audio_frames: int = 160) -> dict[str, Any]:
     """Parameters of every part of `model` (each public method traced once on small dummy
-    inputs): the tree `siglip`, `dinov2`, `connector`, `compressor`, `llm` (+ `beats`).
+    inputs): the tree `siglip`, `dinov2`, `connector`, `compressor` (not in the stage-1
+    model), `llm` (+ `beats`).
 
     Use under `jax.eval_shape` for shapes only, or `jax.jit` for random weights."""
     c = model.config
@@ -495,9 +529,10 @@ def init_params(model: TDCModel, rng: jax.Array, *, frames: int = 2, text_len: i
         if c.beats is not None:
             a = m.encode_audio(jnp.zeros((frames, audio_frames, c.beats.num_mel_bins)))
             audio = a[:, None].reshape(1, frames, a.shape[1], a.shape[2])
-        ids = jnp.ones((1, text_len), jnp.int32) if c.compressor.text_input else None
-        m.compress(tokens[None], counts[:1], jnp.ones((1, frames), bool), audio_tokens=audio,
-                   text_ids=ids)
+        if c.compressor is not None:
+            ids = jnp.ones((1, text_len), jnp.int32) if c.compressor.text_input else None
+            m.compress(tokens[None], counts[:1], jnp.ones((1, frames), bool),
+                       audio_tokens=audio, text_ids=ids)
         pos = jnp.arange(4, dtype=jnp.int32)[None]
         hidden, _ = m(jnp.ones((1, 4), jnp.int32), pos, None, jnp.zeros((1, 1, d)))
         return m.logits(hidden)
