@@ -58,9 +58,9 @@ per-GPU batch x `grad_accum_steps` x 8, as the original's per-device x accumulat
            else (the base LLM, projector, towers, BEATs, query_proj / vision_proj kernels).
            model=tdc adds, as PEFT's suffix match does in the original, an adapter on the
            SVA's attention output (`cross_attn.o_proj`). LR 2e-5; batch 1 x 1 x 8.
-           TDC's max-frame rule ((8192 - text - 16) // 38 frames with audio) is not applied
-           by the pipeline: it binds only for prompts over 880 text tokens at 192 frames, and
-           the overflow trim keeps such rows within the context.
+           With model=tdc the pipeline applies TDC's max-frame rule (`get_max_num_frames`:
+           (8192 - text - 16) // 38 frames with audio, // 32 in stage 2; it binds above 880
+           text tokens at 192 frames): `input.max_frame_context`.
            Merge the adapters for export with `longvid_jax.models.lora.merge_lora`.
   (none)   the demo recipe: stage 2's trainable set and learning rates on audio-video data
            (144 + 50 audio tokens per static frame at full size, 128 frames; BEATs audio with
@@ -283,6 +283,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.input.beats_windows = (-(-int(c.input.max_frames / c.input.fps) // 10)
                                  if with_audio else 0)
         c.input.beats_patch = tdc_cfg.beats.patch_size if with_audio else 16
+        # TDC's get_max_num_frames: the frames that fit 8192 tokens beside the text (// 38
+        # with audio, // 32 without), subsampled uniformly before the towers.
+        c.input.max_frame_context = tdc_cfg.max_context
 
     # Optimizer (TDC: AdamW, cosine, warmup ratio 0.03, weight decay 0; towers frozen).
     c.optim = ml_collections.ConfigDict()

@@ -233,6 +233,7 @@ def test_faithful_tdc_config():
     assert (s3.optim.lr, s3.input.batch_size, s3.grad_accum_steps) == (2e-5, 8, 1)
     assert s3.input.max_frames == 192 and s3.input.beats_windows == 20
     assert s3.input.num_mel_bins == 0 and s3.input.beats_patch == 16
+    assert s3.input.max_frame_context == c.input.max_frame_context == 8192  # // 38, // 32
     family = model_families.from_config(s3.model)
     with_audio = tdc.reserved_video_slots(9, family.config)
     assert with_audio == 9 * (family.config.frame_slots + 50 + 1)  # every frame static

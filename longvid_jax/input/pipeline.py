@@ -72,6 +72,10 @@ class PipelineConfig:
             audio track gets silence of its duration, as the Whisper features do; a corrupt
             audio stream fails the record (`decode.VideoDecodeError`). Needs 16 kHz.
         beats_patch: fbank frames per BEATs time step (the patch size, 16).
+        max_frame_context: TDC's max-frame rule in training (0: off): a record keeps at most
+            `(max_frame_context - text - 16) // 32` frames (38 with `beats_windows`), text =
+            its conversation's tokens plus the one `<image>` token, subsampled uniformly as
+            the original's `prepare_inputs_labels_for_multimodal` (TDC: 8192).
         batch_size: B, examples per batch (per process).
         num_workers: Grain worker processes (0: decode in the main process).
         prefetch_buffer: examples prefetched per process (threads) and per worker.
@@ -101,6 +105,7 @@ class PipelineConfig:
     tower_views: tuple = ()
     beats_windows: int = 0
     beats_patch: int = 16
+    max_frame_context: int = 0
     batch_size: int = 2
     num_workers: int = 0
     prefetch_buffer: int = 2
@@ -133,8 +138,9 @@ class PipelineConfig:
             raise ValueError("batch_size, max_frames, image_size and fps must be positive")
         if self.num_mel_bins < 0 or self.qformer_text_len < 0 or self.num_workers < 0:
             raise ValueError("num_mel_bins, qformer_text_len and num_workers must be >= 0")
-        if self.beats_windows < 0 or self.beats_patch < 1:
-            raise ValueError("beats_windows must be >= 0 and beats_patch >= 1")
+        if self.beats_windows < 0 or self.beats_patch < 1 or self.max_frame_context < 0:
+            raise ValueError("beats_windows and max_frame_context must be >= 0, beats_patch "
+                             ">= 1")
         if self.beats_windows and self.sample_rate != 16000:
             raise ValueError(f"BEATs audio (beats_windows > 0) needs sample_rate 16000, got "
                              f"{self.sample_rate}")

@@ -100,6 +100,7 @@ class DecodeExample(grain.transforms.Map):
             clip = decode.load_video(record["video"], fps=cfg.fps, max_frames=num_max,
                                      size=largest, pad_to_square=False,
                                      num_threads=cfg.decode_threads)
+            clip = self._max_frame_rule(record, clip, tok)
             n = clip.frames.shape[0]
             for key, v_side, v_mean, v_std in ((("frames", side, cfg.image_mean, cfg.image_std),)
                                                + cfg.tower_views):
@@ -113,6 +114,7 @@ class DecodeExample(grain.transforms.Map):
                 pad_to_square=True, fill=tuple(int(m * 255) for m in cfg.image_mean),
                 num_threads=cfg.decode_threads,
             )
+            clip = self._max_frame_rule(record, clip, tok)
             n = clip.frames.shape[0]
             mean = np.asarray(cfg.image_mean, np.float32)
             std = np.asarray(cfg.image_std, np.float32)
@@ -160,6 +162,29 @@ class DecodeExample(grain.transforms.Map):
             "qformer_text_ids": q_ids, "qformer_text_mask": q_mask,
             "record_index": np.int32(record["_index"]), **views, **beats,
         }
+
+    def _max_frame_rule(self, record: dict[str, Any], clip: decode.VideoClip, tok
+                        ) -> decode.VideoClip:
+        """TDC's `get_max_num_frames` in training (with `cfg.max_frame_context` > 0): the
+        frames that fit the context beside the conversation's text
+        (`scene_split.max_num_frames`, 38 tokens a frame with BEATs audio, 32 without; the
+        text counts the `<image>` token once, as the original's does), kept by its uniform
+        rule `frames[int(i * n / keep)]`."""
+        if not self.cfg.max_frame_context:
+            return clip
+        from longvid_jax.models import scene_split  # imports JAX: only where the rule is on
+
+        text = chat.tokenize_conversation(record["conversations"], tok,
+                                          template=self.cfg.template, system=self.cfg.system,
+                                          num_video_tokens=0)
+        n = clip.frames.shape[0]
+        keep = scene_split.max_num_frames(len(text["input_ids"]) + 1,
+                                          with_audio=self.cfg.beats_windows > 0,
+                                          max_frames=n, max_context=self.cfg.max_frame_context)
+        if keep >= n:
+            return clip
+        idx = (np.arange(keep) * (n / keep)).astype(np.int64)
+        return dataclasses.replace(clip, frames=clip.frames[idx], timestamps=clip.timestamps[idx])
 
     def _beats_audio(self, path: str, clip: decode.VideoClip, what: str
                      ) -> dict[str, np.ndarray]:

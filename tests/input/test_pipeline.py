@@ -284,3 +284,29 @@ def test_beats_audio_windows_and_frame_steps(tmp_path, media_dir, qwen2):
         assert 12 <= count[0] <= 13  # seconds 0 and 1 (1 skipped)
     with pytest.raises(ValueError, match="16000"):
         pipeline.PipelineConfig(annotations="a", beats_windows=1, sample_rate=8000)
+
+
+def test_max_frame_rule_keeps_what_fits_beside_the_text(media_dir, qwen2):
+    """`max_frame_context` (TDC's `get_max_num_frames` in training): with room for 3 frames of
+    32 tokens beside the conversation (+1 for `<image>`, +16 kept free), the 5 decoded frames
+    of an 8.3 s clip become frames 0, 1, 3 (`int(i * 5 / 3)`: 0, 2 and 6 s), with 38 tokens a
+    frame (BEATs audio) 2 fit."""
+    record = {"video": str(media_dir / "movie-hello.mp4"), "conversations": CONVS[2],
+              "_index": 0, "_source": "inline"}
+    base = dict(annotations="unused.json", max_frames=5, image_size=32, num_mel_bins=0,
+                length_buckets=(512,), qformer_text_len=0)
+    text = len(chat.tokenize_conversation(CONVS[2], qwen2, template="chatml",
+                                          num_video_tokens=0)["input_ids"]) + 1
+    context = text + 16 + 3 * 32
+    ex = DecodeExample(cfg=pipeline.PipelineConfig(**base, max_frame_context=context),
+                       num_video_tokens=video_tokens).map(record)
+    assert "_failed" not in ex, ex
+    assert ex["frame_mask"].tolist() == [True] * 3 + [False] * 2
+    assert np.round(ex["timestamps"][:3]).tolist() == [0, 2, 6]
+    assert (ex["input_ids"] == chat.VIDEO_TOKEN_INDEX).sum() == video_tokens(3)
+    full = DecodeExample(cfg=pipeline.PipelineConfig(**base), num_video_tokens=video_tokens)
+    np.testing.assert_array_equal(ex["frames"][:3], full.map(record)["frames"][[0, 1, 3]])
+    audio = DecodeExample(cfg=pipeline.PipelineConfig(**base, max_frame_context=context,
+                                                      beats_windows=1),
+                          num_video_tokens=video_tokens).map(record)
+    assert audio["frame_mask"].sum() == (3 * 32) // 38 == 2
