@@ -1,7 +1,10 @@
 """Test-wide setup: 4 fake CPU devices so mesh/sharding code runs for real, float32 matmuls."""
 
+import atexit
 import os
 import pathlib
+import shutil
+import tempfile
 
 # Must happen before JAX initialises its backends.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -16,6 +19,15 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+# One persistent compilation cache per test session: the trainer tests build the same train
+# step several times (straight / interrupted / resumed runs, one device / meshes), and each new
+# Trainer's jit would compile it again. Keyed on the HLO and flags, so it changes no numbers.
+_CACHE = tempfile.mkdtemp(prefix="longvid_jax_xla_cache_")
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+jax.config.update("jax_compilation_cache_dir", _CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

@@ -140,23 +140,22 @@ def _original_overflow(n, lens, static, max_visual):
     return np.array(sum(chunks, []), np.int64)[:max_visual]
 
 
-@pytest.mark.parametrize("max_context", [8192, 140])
-def test_forward_batch_splits_in_graph_as_the_host_path(max_context):
+def test_forward_batch_splits_in_graph_as_the_host_path():
     """`forward_batch` (in-graph scene split, reserved video slots compacted, overflow trimmed
     per chunk) gives the hidden states of the host path (`scene_layout`, the original's trim
-    rule, exact placeholder count) for two videos of different lengths, and gradients reach
-    the compressor and LLM but not the towers. max_context=140 leaves 119 video tokens."""
-    cfg, _, params = _setup()
-    cfg = dataclasses.replace(cfg, max_num_segments=3, max_context=max_context)
-    model = tdc.TDCModel(cfg)
+    rule, exact placeholder count) for two videos of different lengths, with room for every
+    video token (max_context 8192) and with 119 left (140), and gradients reach the
+    compressor and LLM but not the towers."""
+    cfg0, _, params = _setup()
+    cfg0 = dataclasses.replace(cfg0, max_num_segments=3)
     f, valid = 30, (30, 20)
     rng = np.random.default_rng(7)
     sig = rng.standard_normal((2, f, 32, 32, 3)).astype(np.float32)
     dino = rng.standard_normal((2, f, 32, 32, 3)).astype(np.float32)
     audio = rng.standard_normal((2, f, 5, 32)).astype(np.float32)
-    qids = rng.integers(1, cfg.compressor.qformer.vocab_size, (2, 6)).astype(np.int32)
+    qids = rng.integers(1, cfg0.compressor.qformer.vocab_size, (2, 6)).astype(np.int32)
     sizes = np.array([[90, 160], [160, 90]], np.int32)
-    n_max = tdc.qformer.max_video_tokens(f, cfg.frame_slots, 5, cfg.compressor, 3)
+    n_max = tdc.qformer.max_video_tokens(f, cfg0.frame_slots, 5, cfg0.compressor, 3)
     head, tail = [3, 4], [5, 6, 7]
     t = len(head) + n_max + len(tail) + 4
     ids = np.zeros((2, t), np.int32)
@@ -170,47 +169,60 @@ def test_forward_batch_splits_in_graph_as_the_host_path(max_context):
              "audio_tokens": audio, "qformer_text_ids": qids, "input_ids": ids,
              "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (2, t)),
              "segment_ids": seg, "loss_mask": loss_mask}
-    hidden, aux = jax.jit(lambda p: model.apply({"params": p}, batch,
-                                                method=tdc.TDCModel.forward_batch))(params)
+
+    # The host path of each row (independent of max_context): split, compress.
+    host = []
+    model0 = tdc.TDCModel(cfg0)
     for r in range(2):
         n_f = valid[r]
-        tokens, counts, eaux = model.apply({"params": params}, sig[r, :n_f], dino[r, :n_f],
-                                           np.repeat(sizes[r:r + 1], n_f, 0),
-                                           method=tdc.TDCModel.encode_frames)
+        tokens, counts, eaux = jax.jit(lambda p, *x: model0.apply(
+            {"params": p}, *x, method=tdc.TDCModel.encode_frames))(
+                params, sig[r, :n_f], dino[r, :n_f], np.repeat(sizes[r:r + 1], n_f, 0))
         layout = scene_split.scene_layout(np.asarray(eaux["dino_features"]), max_num_segments=3)
         starts = np.zeros((1, n_f), bool)
         starts[0, layout.split_points[:-1][layout.split_points[:-1] < n_f]] = True
-        np.testing.assert_array_equal(np.asarray(aux["segment_starts"][r, :n_f]), starts[0])
-        video, vmask, caux = model.apply(
-            {"params": params}, tokens[None], counts[:1], np.ones((1, n_f), bool),
-            segment_starts=starts, audio_tokens=audio[r:r + 1, :n_f], text_ids=qids[r:r + 1],
-            max_tokens=n_max, method=tdc.TDCModel.compress)
-        kept = _original_overflow(int(vmask.sum()), np.asarray(caux["frame_token_lengths"][0]),
-                                  np.asarray(caux["is_static"][0]), max_context - 16 - 5)
-        video = video[:, kept]
-        n = len(kept)
-        assert int(aux["num_video_tokens"][r]) == n
-        assert (n < int(vmask.sum())) == (max_context < 8192)
-        prompt = np.array([head + [VIDEO_TOKEN_INDEX] * n + tail], np.int32)
-        length = prompt.shape[1]
-        ref, _ = model.apply({"params": params}, prompt, np.arange(length)[None], None, video)
-        compact = aux["batch"]
-        np.testing.assert_array_equal(np.asarray(compact["input_ids"][r, :length]), prompt[0])
-        np.testing.assert_array_equal(np.asarray(compact["positions"][r, :length]),
-                                      np.arange(length))
-        assert not bool(compact["segment_ids"][r, length:].any())
-        assert np.asarray(compact["loss_mask"][r]).nonzero()[0].tolist() == [length - 2,
-                                                                            length - 1]
-        np.testing.assert_allclose(np.asarray(hidden[r, :length]), np.asarray(ref[0]),
-                                   atol=2e-4, rtol=2e-4)
-    assert int(aux["num_video_tokens"][0]) != int(aux["num_video_tokens"][1])
+        video, vmask, caux = jax.jit(lambda p, s, a, q: model0.apply(
+            {"params": p}, tokens[None], counts[:1], np.ones((1, n_f), bool),
+            segment_starts=s, audio_tokens=a, text_ids=q, max_tokens=n_max,
+            method=tdc.TDCModel.compress))(params, starts, audio[r:r + 1, :n_f],
+                                           qids[r:r + 1])
+        host.append((starts, video, vmask, caux))
 
-    def loss(p):
+    for max_context in (8192, 140):
+        model = tdc.TDCModel(dataclasses.replace(cfg0, max_context=max_context))
+        hidden, aux = jax.jit(lambda p: model.apply({"params": p}, batch,
+                                                    method=tdc.TDCModel.forward_batch))(params)
+        for r, (starts, video, vmask, caux) in enumerate(host):
+            np.testing.assert_array_equal(np.asarray(aux["segment_starts"][r, :valid[r]]),
+                                          starts[0])
+            kept = _original_overflow(int(vmask.sum()),
+                                      np.asarray(caux["frame_token_lengths"][0]),
+                                      np.asarray(caux["is_static"][0]), max_context - 16 - 5)
+            n = len(kept)
+            assert int(aux["num_video_tokens"][r]) == n
+            assert (n < int(vmask.sum())) == (max_context < 8192)
+            prompt = np.array([head + [VIDEO_TOKEN_INDEX] * n + tail], np.int32)
+            length = prompt.shape[1]
+            ref, _ = jax.jit(lambda p, v: model.apply({"params": p}, prompt,
+                                                      np.arange(length)[None], None, v))(
+                params, video[:, kept])
+            compact = aux["batch"]
+            np.testing.assert_array_equal(np.asarray(compact["input_ids"][r, :length]),
+                                          prompt[0])
+            np.testing.assert_array_equal(np.asarray(compact["positions"][r, :length]),
+                                          np.arange(length))
+            assert not bool(compact["segment_ids"][r, length:].any())
+            assert np.asarray(compact["loss_mask"][r]).nonzero()[0].tolist() == [length - 2,
+                                                                                length - 1]
+            np.testing.assert_allclose(np.asarray(hidden[r, :length]), np.asarray(ref[0]),
+                                       atol=2e-4, rtol=2e-4)
+        assert int(aux["num_video_tokens"][0]) != int(aux["num_video_tokens"][1])
+
+    def loss(p):  # with the trim (the last max_context)
         h, _ = model.apply({"params": p}, batch, method=tdc.TDCModel.forward_batch)
         return jnp.mean(h.astype(jnp.float32) ** 2)
 
-    grads = jax.jit(jax.grad(loss))(params)
-    norms = {k: float(sum(jnp.abs(x).sum() for x in jax.tree.leaves(v)))
-             for k, v in grads.items()}
+    norms = jax.jit(lambda p: {k: sum(jnp.abs(x).sum() for x in jax.tree.leaves(v))
+                               for k, v in jax.grad(loss)(p).items()})(params)
     assert norms["siglip"] == 0 and norms["dinov2"] == 0
     assert norms["compressor"] > 0 and norms["llm"] > 0 and norms["connector"] > 0
