@@ -283,7 +283,7 @@ def make_predictor(config: ml_collections.ConfigDict, checkpoint: str | None = N
     """The predictor of a training config: `Predictor` (the simplified `VideoLLM`), or for
     `config.model.name == "tdc"` a `tdc_infer.TDCPredictor` on the trainer's checkpoint (the
     Q-Former text through `config.input.qformer_tokenizer`, else the LLM tokenizer's ids, as
-    the model was trained).
+    the model was trained; LoRA adapters of `config.lora` restored and merged).
 
     Raises:
       InferenceError: no checkpoint or params, or an unreadable checkpoint.
@@ -294,12 +294,15 @@ def make_predictor(config: ml_collections.ConfigDict, checkpoint: str | None = N
 
     log = log if log is not None else sys.stderr
     family = model_families.from_config(config.model)
+    lora_cfg = lora_config(config)  # stage 3: the checkpoint holds adapters; merged here
     if params is None:
         if checkpoint is None:
             raise InferenceError("give a checkpoint folder or params")
-        params, step_dir = restore_params(checkpoint,
-                                          abstract_params(family, input_config(config)))
+        params, step_dir = restore_params(
+            checkpoint, abstract_params(family, input_config(config), lora_cfg))
         print(f"[load] parameters from {step_dir}", file=log, flush=True)
+    if lora_cfg is not None and lora_lib.lora_param_count(params):
+        params = lora_lib.merge_lora(params, lora_cfg)
     tok = tokenizer_lib.load_tokenizer(config.input.tokenizer)
     q_spec = config.input.get("qformer_tokenizer")
     bert = tokenizer_lib.wordpiece_tokenizer(q_spec) if q_spec else tok

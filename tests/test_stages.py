@@ -294,6 +294,17 @@ def test_faithful_tdc_stage3_trains_adapters_and_listed_modules_with_audio(tmp_p
         assert frozen[path] and not changed[path], path
     assert lora.lora_param_count(init) > 0 and c.lora.rank == 4
 
+    # The checkpoint restores for inference (`infer.make_predictor`) with its adapters merged.
+    pred = infer.make_predictor(c, str(tmp_path / "wd"), log=io.StringIO())
+    assert lora.lora_param_count(pred.params) == 0 and pred.config.beats is not None
+    merged = lora.merge_lora(final, c.lora)
+    for part in ("llm", "connector"):
+        np.testing.assert_allclose(
+            np.asarray(jax.tree.leaves(pred.params[part])[0]),
+            np.asarray(jax.tree.leaves(merged[part])[0]), rtol=1e-6)
+    q = pred.params["llm"]["layers_0"]["self_attn"]["q_proj"]["kernel"]
+    assert not np.allclose(q, init["llm"]["layers_0"]["self_attn"]["q_proj"]["kernel"])
+
 
 def test_faithful_tdc_stage1_trains_all_but_the_towers_on_single_frames(tmp_path):
     """configs/tdc.py:stage=1,model=tdc: the LongVU image model (one SVA query per tower cell,
