@@ -250,7 +250,7 @@ def test_tower_views_and_wordpiece_qformer_text(tmp_path, media_dir, qwen2):
         pipeline.PipelineConfig(annotations="a", tower_views=[("x", 8, (0.5,), (0.5,))])
 
 
-def test_beats_audio_windows_and_frame_steps(tmp_path, media_dir, qwen2):
+def test_beats_audio_windows_and_frame_steps(tmp_path, media_dir, qwen2, monkeypatch):
     """TDC's audio (`beats_windows` > 0): the track's 10 s BEATs fbank windows padded to W, and
     each kept frame's BEATs time steps under `fbank.tdc_frame_audio_steps` (5 frames at 0, 2,
     4, 6 and 8 s of an 8.3 s clip: each skipped second goes to the frame before it, the last
@@ -282,6 +282,14 @@ def test_beats_audio_windows_and_frame_steps(tmp_path, media_dir, qwen2):
         assert ex["audio_frame_count"].tolist() == count.tolist()
         assert count.sum() == steps and count[-1] == steps - start[-1]  # the last: to the end
         assert 12 <= count[0] <= 13  # seconds 0 and 1 (1 skipped)
+
+    def corrupt(path, **_):
+        raise decode.VideoDecodeError(path, "corrupt audio stream (test)")
+
+    monkeypatch.setattr(decode, "load_audio", corrupt)  # the record fails, naming the file
+    ex = decoder.map({"video": str(media_dir / "movie-hello.mp4"), "conversations": CONVS[0],
+                      "_index": 3, "_source": "inline"})
+    assert "movie-hello.mp4: corrupt audio stream" in ex["_failed"] and ex["index"] == 3
     with pytest.raises(ValueError, match="16000"):
         pipeline.PipelineConfig(annotations="a", beats_windows=1, sample_rate=8000)
 
