@@ -31,21 +31,21 @@ ratio 0.03, weight decay 0, 1 epoch, bf16, sequences up to 8192 tokens = the lar
 bucket, towers frozen). Batches are per process: on one 8-GPU host `input.batch_size` =
 per-GPU batch x `grad_accum_steps` x 8, as the original's per-device x accumulation x 8 GPUs.
 
-  stage=1  image-text alignment. Data: LLaVA-OneVision single images. An image is a one-frame
-           video here (`input.max_frames=1`): each record yields one static frame of 576 tokens
-           (24x24, `model.vision_pool`) plus the frame separator, where TDC's LongVU image path
-           adds 24 row-newline tokens instead. The pipeline decodes video files only, so images
-           must be given as one-frame clips until it reads image files (a known limitation).
-           No audio. Trained: the LLM and the projector; frozen: the vision tower and the TDC
+  stage=1  image-text alignment. Data: LLaVA-OneVision single images (records with
+           `"image": path` and `<image>`; .jpg / .png / .webp / .bmp files are decoded as
+           one-frame clips, `input.max_frames=1`): each record yields one static frame of 576
+           tokens (24x24, `model.vision_pool`) plus the frame separator, where TDC's LongVU
+           image path adds 24 row-newline tokens instead. No audio.
+           Trained: the LLM and the projector; frozen: the vision tower and the TDC
            compressor (TDC creates its Q-Former only in stage 2). LR 1e-5; batch 4 x 2 x 8.
            model=tdc builds the LongVU image model instead: 576 SVA queries (24 x 24, one
            query per tower-grid cell, so the windows hold one token per tower and there is no
            `pos_embed`), `image_newline` after each row (24 x 25 = 600 slots for a square
            image, fewer after unpadding: the row reserves 600 and the step drops the unused),
            no compressor, no frame separator; trained: everything but SigLIP / DINOv2. The
-           image is still a one-frame clip (the same limitation); its decoded (height, width)
-           is read as such (`connector.swap_image_size_hw=False`), as the original reads the
-           PIL size of an image (the swap is its video path's quirk).
+           image's decoded (height, width) is read as such
+           (`connector.swap_image_size_hw=False`), as the original reads the PIL size of an
+           image (the swap is its video path's quirk).
   stage=2  video instruction tuning. Data: TDC stage-2 video JSON (LLaVA conversations with
            `<image>` / `<video>`), 1 fps, 144 tokens per static frame (12x12), up to 224
            frames (28 chunks x 264 tokens = 7392 video tokens), no audio. Trained: everything

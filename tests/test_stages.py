@@ -306,11 +306,28 @@ def test_faithful_tdc_stage3_trains_adapters_and_listed_modules_with_audio(tmp_p
     assert not np.allclose(q, init["llm"]["layers_0"]["self_attn"]["q_proj"]["kernel"])
 
 
-def test_faithful_tdc_stage1_trains_all_but_the_towers_on_single_frames(tmp_path):
+def test_faithful_tdc_stage1_trains_all_but_the_towers_on_single_images(tmp_path):
     """configs/tdc.py:stage=1,model=tdc: the LongVU image model (one SVA query per tower cell,
-    so no `pos_embed`; `image_newline` per row; no compressor) trains two steps on one-frame
-    clips; SigLIP / DINOv2 stay put, every connector and LLM leaf moves."""
+    so no `pos_embed`; `image_newline` per row; no compressor) trains two steps on LLaVA
+    single-image records (a JPEG and a PNG, `"image"` keys, `<image>` tags); SigLIP / DINOv2
+    stay put, every connector and LLM leaf moves."""
+    import PIL.Image
+
+    from longvid_jax.input import decode
+
     c = _config(1, tmp_path, ",model=tdc")
+    images = tmp_path / "images"
+    images.mkdir()
+    lines = []
+    for video, name, q, a in (("cockatoo.mp4", "bird.jpg", "What animal is this?", "A cockatoo."),
+                              ("realshort.mp4", "sill.png", "Describe the image.", "Plants.")):
+        frame = decode.load_video(SAMPLES / video, max_frames=1, pad_to_square=False).frames[0]
+        PIL.Image.fromarray(frame).save(images / name)
+        lines.append(json.dumps({"image": name, "conversations": [
+            {"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": a}]}) + "\n")
+    (tmp_path / "images.jsonl").write_text("".join(lines))
+    c.input.annotations = str(tmp_path / "images.jsonl")
+    c.input.video_root = str(images)
     assert c.model.compressor is None and c.model.beats is None and c.input.max_frames == 1
     assert c.model.connector.query_grid == c.model.tower_grid  # windows of one token
     assert not c.model.connector.swap_image_size_hw  # images: (height, width) read as such
@@ -320,6 +337,7 @@ def test_faithful_tdc_stage1_trains_all_but_the_towers_on_single_frames(tmp_path
     init, final, metrics = _train_capturing_init(c, tmp_path / "wd")
     assert [m["step"] for m in metrics] == [1, 2]
     assert all(np.isfinite(m["loss"]) and m["target_tokens"] > 0 for m in metrics)
+    assert metrics[-1]["skipped_records"] == 0
     assert set(init) == {"siglip", "dinov2", "connector", "llm"}
     changed, frozen = _check_moved_exactly_trainable(c, init, final, "stage 1, model=tdc")
     assert {p.split("/")[0] for p, f in frozen.items() if not f} == {"connector", "llm"}

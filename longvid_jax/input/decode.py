@@ -1,5 +1,8 @@
 """Decoding real video files: frames at a fixed rate (decord) and mono 16 kHz audio (PyAV).
 
+A still image (`IMAGE_EXTENSIONS`: the single images of LLaVA-style image-text data, TDC's
+stage 1) is decoded with Pillow as a one-frame clip, so every reader of `load_video` takes it.
+
 Frames follow TDC's sampling (1 fps, then a uniform cap; tdc/train.py, `uniform_sample`) and
 `expand2square` (pad to a centred square with the processor mean as fill). Readers are opened per
 call and closed before returning: decord objects do not pickle, so Grain workers open files
@@ -18,6 +21,7 @@ import os
 import av
 import decord
 import numpy as np
+import PIL.Image
 import soxr
 
 
@@ -177,6 +181,35 @@ def _decode_then_resize(path: str, idx: np.ndarray, width: int, height: int,
     return out
 
 
+# File name endings decoded as a still image (one frame) rather than a video.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+def is_image(path) -> bool:
+    """Whether `load_video` reads `path` as a still image (by its name's ending)."""
+    return os.fspath(path).lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _load_image(path: str, size: int | None, pad_to_square: bool, fill) -> "VideoClip":
+    """A still image as a one-frame `VideoClip` (time 0, duration 0); see `load_video`."""
+    try:
+        with PIL.Image.open(path) as img:
+            img = img.convert("RGB")  # palette / grey / alpha / CMYK -> RGB, decodes it fully
+            if size is not None:
+                w, h = img.size
+                scale = size / max(w, h)
+                img = img.resize((max(1, round(w * scale)), max(1, round(h * scale))),
+                                 PIL.Image.Resampling.BICUBIC)
+            frame = np.asarray(img, np.uint8)
+    except (OSError, ValueError, PIL.Image.DecompressionBombError) as e:
+        raise VideoDecodeError(path, f"cannot decode the image ({_short(e)})") from e
+    frames = frame[None]
+    if pad_to_square:
+        frames = expand2square(frames, fill)
+    return VideoClip(frames=np.ascontiguousarray(frames), timestamps=np.zeros(1, np.float32),
+                     duration=0.0, native_fps=0.0)
+
+
 def load_video(
     path,
     *,
@@ -206,17 +239,22 @@ def load_video(
         fill: RGB uint8 padding colour (TDC: the image processor's mean x 255).
         num_threads: decoder threads (0 = decord's automatic choice).
 
+    A still image (`is_image`) gives one frame at time 0 (duration 0, native_fps 0), resized
+    with Pillow's bicubic filter when `size` is given.
+
     Returns:
         `VideoClip` with frames uint8[F, S, S, 3] (or [F, H, W, 3] unpadded).
 
     Raises:
         VideoDecodeError: missing, empty, non-video, truncated or corrupt file; zero frames;
-            unreadable fps.
+            unreadable fps; an image that does not decode.
     """
     path = os.fspath(path)
     if fps <= 0 or max_frames < 1:
         raise ValueError(f"fps must be > 0 and max_frames >= 1, got {fps}, {max_frames}")
     _check_file(path)
+    if is_image(path):
+        return _load_image(path, size, pad_to_square, fill)
     expected, w, h = _probe(path)
     kwargs = {}
     if size is not None:

@@ -1,7 +1,9 @@
 """Annotation sources: LLaVA-format JSON / JSONL files as Grain random-access data sources.
 
 A record is `{"video": path, "conversations": [{"from": "human", "value": "<video>\\n..."},
-{"from": "gpt", "value": "..."}, ...]}` (TDC, LongVALE, TimeChat-style instruction data), plus
+{"from": "gpt", "value": "..."}, ...]}` (TDC, LongVALE, TimeChat-style instruction data), or
+LLaVA's single-image record with `"image": path` instead (LLaVA-OneVision, TDC stage 1; the
+image path is then also the item's `video`, which `decode.load_video` reads as one frame), plus
 optional keys (`id`, ...) that are kept as they are.
 """
 
@@ -29,14 +31,20 @@ class AnnotationError(ValueError):
         return type(self), (self.path, self.problem, self.index)
 
 
+def _visual_key(raw: Mapping[str, Any]) -> str:
+    return "video" if "video" in raw else "image"
+
+
 def _check_record(raw: Any) -> None:
     """Raises ValueError naming the problem if `raw` is not a valid LLaVA video record."""
     if not isinstance(raw, Mapping):
         raise ValueError(f"record is a {type(raw).__name__}, not an object")
-    if "video" not in raw:
-        raise ValueError("missing 'video'")
-    if not isinstance(raw["video"], str) or not raw["video"]:
-        raise ValueError(f"'video' must be a non-empty string, got {raw['video']!r}")
+    if ("video" in raw) == ("image" in raw):
+        raise ValueError("needs exactly one of 'video' and 'image'" if "video" in raw
+                         else "missing 'video' (or 'image')")
+    key = _visual_key(raw)
+    if not isinstance(raw[key], str) or not raw[key]:
+        raise ValueError(f"'{key}' must be a non-empty string, got {raw[key]!r}")
     if "conversations" not in raw:
         raise ValueError("missing 'conversations'")
     chat.validate_conversation(raw["conversations"])
@@ -106,7 +114,8 @@ class JsonAnnotationSource:
                 self._items.append({"_index": i, "_source": self.path, "_error": problem})
                 continue
             item = dict(raw)
-            item["video"] = os.path.join(self.video_root, os.path.expanduser(raw["video"]))
+            item["video"] = os.path.join(self.video_root,
+                                         os.path.expanduser(raw[_visual_key(raw)]))
             item["_index"] = i
             item["_source"] = self.path
             self._items.append(item)

@@ -155,3 +155,39 @@ def test_video_without_audio_track(tmp_path, media_dir):
     assert decode.load_audio(path) is None
     clip = decode.load_video(path, size=32)
     assert clip.frames.shape == (2, 32, 32, 3)
+
+
+@pytest.mark.parametrize("mode,ext", [("RGB", ".jpg"), ("RGBA", ".png"), ("P", ".png"),
+                                      ("L", ".webp")])
+def test_still_image_is_a_one_frame_clip(tmp_path, mode, ext):
+    """LLaVA-style image records (TDC stage 1): a still image decodes as one frame at t = 0,
+    any Pillow mode converted to RGB, resized (long side) and padded like video frames."""
+    import PIL.Image
+
+    rng = np.random.default_rng(0)
+    rgb = PIL.Image.fromarray(rng.integers(0, 256, (30, 50, 3), dtype=np.uint8))
+    img = rgb.convert(mode) if mode != "P" else rgb.quantize(16)
+    path = tmp_path / f"pic{ext}"
+    img.save(path)
+    assert decode.is_image(path) and not decode.is_image(tmp_path / "clip.mp4")
+    native = decode.load_video(path, size=None, pad_to_square=False)
+    assert native.frames.shape == (1, 30, 50, 3) and native.frames.dtype == np.uint8
+    np.testing.assert_array_equal(native.frames[0],
+                                  np.asarray(PIL.Image.open(path).convert("RGB")))
+    np.testing.assert_array_equal(native.timestamps, [0.0])
+    clip = decode.load_video(path, size=20, fill=(1, 2, 3))  # 50x30 -> 20x12, rows 4..15
+    assert clip.frames.shape == (1, 20, 20, 3)
+    assert (clip.frames[0, :4] == [1, 2, 3]).all() and (clip.frames[0, 16:] == [1, 2, 3]).all()
+    assert clip.frames[0, 4:16].std() > 10
+
+
+def test_broken_image_raises_naming_the_file(tmp_path):
+    import PIL.Image
+
+    good = tmp_path / "good.png"
+    PIL.Image.fromarray(np.full((40, 40, 3), 7, np.uint8)).save(good)
+    for name, data in (("truncated.png", good.read_bytes()[:60]), ("text.jpg", b"not a jpeg")):
+        bad = tmp_path / name
+        bad.write_bytes(data)
+        with pytest.raises(decode.VideoDecodeError, match=f"{name}: cannot decode the image"):
+            decode.load_video(bad)

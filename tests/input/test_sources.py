@@ -27,6 +27,17 @@ def test_json_and_jsonl_and_video_root(tmp_path):
     assert len(src) == 2 and src[1]["video"] == "/data/clips/a.mp4"
 
 
+def test_llava_image_records(tmp_path):
+    """LLaVA single-image records ("image" instead of "video", `<image>` in the text: TDC
+    stage 1's LLaVA-OneVision data) resolve like video records into the item's `video`."""
+    image = {"image": "imgs/cat.jpg", "id": 7,
+             "conversations": [{"from": "human", "value": "<image>\nWhat is it?"},
+                               {"from": "gpt", "value": "A cat."}]}
+    src = JsonAnnotationSource(_jsonl(tmp_path / "ov.jsonl", [image, GOOD]))
+    assert src[0]["video"] == str(tmp_path / "imgs/cat.jpg") and src[0]["image"] == "imgs/cat.jpg"
+    assert src[1]["video"] == str(tmp_path / "clips/a.mp4") and "image" not in src[1]
+
+
 def test_bad_json_file(tmp_path):
     path = tmp_path / "broken.json"
     path.write_text('[{"video": "a.mp4", "conversations": [}')
@@ -43,6 +54,8 @@ def test_bad_json_file(tmp_path):
     ('{"video": "a.mp4", "conversations": [', "invalid JSON on line 2"),
     ({"video": "a.mp4"}, "missing 'conversations'"),
     ({"conversations": GOOD["conversations"]}, "missing 'video'"),
+    (dict(GOOD, image="a.jpg"), "exactly one of 'video' and 'image'"),
+    ({"image": "", "conversations": GOOD["conversations"]}, "'image' must be a non-empty"),
     ({"video": "a.mp4", "conversations": [{"from": "gpt", "value": "x"},
                                           {"from": "human", "value": "y"}]}, "expected 'human'"),
     ({"video": "a.mp4", "conversations": [{"from": "user", "value": "x"},
