@@ -7,13 +7,14 @@ Demo (a tiny TDC-shaped model on the bundled clips in data/samples/, minutes on 
 Real sizes (Qwen2-7B or Llama-3.2-3B + SigLIP-so400m + Whisper-large-v3 audio + BERT-base
 Q-Former), your own data, one of TDC's three training stages:
 
-    python -m longvid_jax.train --config=configs/tdc.py:stage=2,size=full,llm=qwen2_7b \
+    python -m longvid_jax.train --config=configs/tdc.py:stage=2,size=full,llm=qwen2_7b,bert_vocab=/bert/vocab.txt \
         --config.input.annotations=/data/tdc_stage2.jsonl --config.input.video_root=/data/videos \
         --workdir=/ckpt/tdc_stage2
 
 Arguments after ':' (comma separated): stage=1|2|3 (default: none, see below), size=demo|full,
-llm=qwen2_7b|llama3_2_3b (full only), model=simplified|tdc, bert_vocab=PATH. Any field can be
-overridden with --config.<path>=<value>.
+llm=qwen2_7b|llama3_2_3b (full only), model=tdc|simplified (default: tdc with a stage,
+simplified for the demo), bert_vocab=PATH. Any field can be overridden with
+--config.<path>=<value>.
 
 model=tdc trains TDC as released (`longvid_jax.models.tdc.TDCModel`: SigLIP + DINOv2 towers,
 the SVA connector, the in-graph scene split, the compressor reading the instruction in BERT
@@ -22,14 +23,19 @@ stage 2 on), the per-chunk overflow trim), for all three stages and the demo; wi
 (stage 3, the demo) BEATs runs frozen inside the step on the pipeline's 10 s fbank windows
 (`input.beats_windows` = ceil(max_frames / fps / 10): a longer track is cut) and each frame's
 BEATs steps (its second and the skipped seconds after it) are pooled to 50 tokens in-graph, as
-`tdc_infer` does. model=simplified (the default) is the earlier stand-in `VideoLLM`: one tower
-with pooling instead of the SVA connector, Whisper audio, the LLM tokenizer's ids for the
-Q-Former; it serves all three stages.
+`tdc_infer` does. The original's (H, W) swap in unpadding video frames is off for this new
+training (`model.connector.swap_image_size_hw=False`; True reproduces the released weights'
+geometry). model=simplified is the earlier stand-in `VideoLLM`: one tower with pooling
+instead of the SVA connector, Whisper audio, the LLM tokenizer's ids for the Q-Former; it
+serves all three stages and is the demo's default (it compiles and trains several times
+faster on a laptop CPU; `configs/tdc.py:model=tdc` runs the demo on TDC itself).
 
 The stages (`scripts/stage{1,2,3}/*.sh` of the original; all: AdamW, cosine schedule, warmup
 ratio 0.03, weight decay 0, 1 epoch, bf16, sequences up to 8192 tokens = the largest length
 bucket, towers frozen). Batches are per process: on one 8-GPU host `input.batch_size` =
 per-GPU batch x `grad_accum_steps` x 8, as the original's per-device x accumulation x 8 GPUs.
+Each stage's token layout and trainable set are given for model=simplified first, then for
+model=tdc (the default when a stage is named).
 
   stage=1  image-text alignment. Data: LLaVA-OneVision single images (records with
            `"image": path` and `<image>`; .jpg / .png / .webp / .bmp files are decoded as
@@ -122,18 +128,22 @@ def _tdc_model(demo: bool, llm: str, audio: bool, images: bool) -> tdc.TDCConfig
 
     `images`: the stage-1 model (LongVU_*_img config): one query per tower-grid cell (24 x 24
     = 576 at full size, so each query's window is one token per tower and the SVA has no
-    `pos_embed`), no compressor, no audio, and `image_sizes` read as the (height, width) they
-    are (the original's images carry PIL's (width, height), read correctly; the (H, W) swap
-    is its video path's quirk)."""
+    `pos_embed`), no compressor, no audio.
+
+    `image_sizes` are read as the (height, width) they are (`connector.swap_image_size_hw`
+    False) in every stage: the original's (H, W) swap on its video path is kept for the
+    released weights (the converter's default) and left out of new training;
+    `--config.model.connector.swap_image_size_hw=True` brings it back (e.g. to fine-tune the
+    released weights with the geometry they were trained with). The original's
+    images carry PIL's (width, height), read correctly, so stage 1 is the same either way."""
     parts: dict = {} if audio else dict(beats=None)
     if images:
         parts.update(compressor=None, beats=None)
     if demo:
         width = 128
-        connector = dict(llm_width=width)
+        connector = dict(llm_width=width, swap_image_size_hw=False)
         if images:
-            connector.update(query_grid=tdc.VARIANTS["tiny"]["tower_grid"],
-                             swap_image_size_hw=False)
+            connector.update(query_grid=tdc.VARIANTS["tiny"]["tower_grid"])
         else:
             parts["compressor"] = dict(llm_width=width, num_tokens=4,
                                        audio_width=_beats_width("tiny") if audio else 0,
@@ -144,8 +154,9 @@ def _tdc_model(demo: bool, llm: str, audio: bool, images: bool) -> tdc.TDCConfig
                      hidden_size=width, head_dim=32, mlp_dim=384, attention_impl="auto",
                      packed_sequences=False),
             connector=connector)
+    parts["connector"] = dict(swap_image_size_hw=False)
     if images:
-        parts["connector"] = dict(query_grid=tdc.TOWER_GRID, swap_image_size_hw=False)
+        parts["connector"].update(query_grid=tdc.TOWER_GRID)
     else:
         parts["compressor"] = dict(audio_width=_beats_width("iter3_as2m") if audio else 0)
     return tdc.make_config(
@@ -165,7 +176,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     Raises:
       ValueError: an unknown stage, size or llm.
     """
-    arg = parse_arg(arg, stage="", size="demo", llm="qwen2_7b", model="simplified",
+    arg = parse_arg(arg, stage="", size="demo", llm="qwen2_7b", model="",
                     bert_vocab="")
     if arg.stage not in ("", "1", "2", "3"):
         raise ValueError(f"stage must be 1, 2 or 3, got {arg.stage!r}")
@@ -173,11 +184,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         raise ValueError(f"size must be demo or full, got {arg.size!r}")
     if arg.llm not in ("qwen2_7b", "llama3_2_3b"):
         raise ValueError(f"llm must be qwen2_7b or llama3_2_3b, got {arg.llm!r}")
-    if arg.model not in ("simplified", "tdc"):
+    if arg.model not in ("", "simplified", "tdc"):
         raise ValueError(f"model must be simplified or tdc, got {arg.model!r}")
+    model = arg.model or ("tdc" if arg.stage else "simplified")
     demo = arg.size == "demo"
     stage = int(arg.stage or 0)
-    faithful = arg.model == "tdc"
+    faithful = model == "tdc"
     if faithful and not demo and not arg.bert_vocab and stage != 1:
         raise ValueError("model=tdc at full size reads the instruction in BERT WordPiece ids: "
                          "pass bert_vocab=/path/to/bert-base-uncased/vocab.txt")

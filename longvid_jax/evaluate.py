@@ -6,7 +6,7 @@
 
 Or runs a trained checkpoint on a benchmark first (model-running mode, `--data` given):
 
-    python -m longvid_jax.evaluate --config=configs/tdc.py:stage=2,size=full,llm=qwen2_7b \\
+    python -m longvid_jax.evaluate --config=configs/tdc.py:stage=2,size=full,llm=qwen2_7b,bert_vocab=/bert/vocab.txt \\
         --checkpoint=/ckpt/tdc_stage2 --benchmark=mlvu|music_avqa|videomme --data=/data/MLVU \\
         [--limit=N] [--output=scores.json] [--predictions_out=predictions.json] [--compat=...]
 

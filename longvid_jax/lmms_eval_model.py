@@ -1,7 +1,7 @@
 """An lmms-eval model that answers with a longvid_jax checkpoint ("longvid_jax").
 
     python -m lmms_eval --model longvid_jax --tasks videomme --batch_size 1 \\
-        --model_args 'config="configs/tdc.py:stage=2,size=full,llm=qwen2_7b",checkpoint=/ckpt/run'
+        --model_args 'config="configs/tdc.py:stage=2,size=full,llm=qwen2_7b,bert_vocab=/bert/vocab.txt",checkpoint=/ckpt/run'
 
 lmms-eval (EvolvingLMMs-Lab/lmms-eval) drives a model through its `lmms_eval.api.model.lmms`
 base class: `generate_until(requests)` gets `Instance`s whose `args` are `(context, gen_kwargs,

@@ -82,7 +82,7 @@ def runs(tmp_path_factory):
     out = {}
     for stage in (1, 2, 3):
         tmp = tmp_path_factory.mktemp(f"stage{stage}")
-        c = _config(stage, tmp)
+        c = _config(stage, tmp, ",model=simplified")
         c.model.qformer.depth = _QFORMER_DEPTH
         c.model.llm.num_layers = _LLM_LAYERS
         out[stage] = (c, *_train_capturing_init(c, tmp / "wd"))
@@ -148,9 +148,14 @@ def test_stage_configs_follow_the_original_recipes():
     spec = importlib.util.spec_from_file_location("tdc_config", REPO / "configs" / "tdc.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    full = {s: module.get_config(f"stage={s},size=full") for s in (1, 2, 3)}
+    full = {s: module.get_config(f"stage={s},size=full,model=simplified") for s in (1, 2, 3)}
     assert [full[s].optim.lr for s in (1, 2, 3)] == [1e-5, 5e-6, 2e-5]
-    assert module.get_config("stage=2,size=full,llm=llama3_2_3b").optim.lr == 2e-5
+    assert module.get_config("stage=2,size=full,llm=llama3_2_3b,model=simplified"
+                             ).optim.lr == 2e-5
+    # A named stage trains TDC as released unless model=simplified is asked for; the demo
+    # (no stage) keeps the simplified model.
+    assert module.get_config("stage=2").model.name == "tdc"
+    assert "name" not in module.get_config().model
     assert [full[s].model.vision_pool for s in (1, 2, 3)] == [(24, 24), (12, 12), (12, 12)]
     assert [(full[s].input.batch_size, full[s].grad_accum_steps) for s in (1, 2, 3)] == [
         (64, 2), (16, 2), (8, 1)]

@@ -305,7 +305,7 @@ def test_tdc_targets_select_exactly_the_listed_modules():
     spec = importlib.util.spec_from_file_location("tdc_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    c = module.get_config("stage=3")
+    c = module.get_config("stage=3,model=simplified")
     model_cfg = video_llm.make_config(c.model)
     model = video_llm.VideoLLM(model_cfg)
     batch = train.example_batch(model_cfg, c.input)
