@@ -56,8 +56,11 @@ model=tdc (the default when a stage is named).
            `<image>` / `<video>`), 1 fps, 144 tokens per static frame (12x12), up to 224
            frames (28 chunks x 264 tokens = 7392 video tokens), no audio. Trained: everything
            but the vision tower (TDC: "full"). LR 5e-6 (Qwen2) / 2e-5 (Llama); batch 1 x 2 x 8.
-  stage=3  audio-video instruction tuning. Data: TDC stage-3 audio-video JSON; 144 + 50 audio
-           tokens per static frame, up to 192 frames (24 chunks x 314 = 7536 video tokens).
+  stage=3  audio-video instruction tuning. Data: TDC stage-3 audio-video JSON (the sound from
+           each record's "audio" file as the original loads it, else the video's own track;
+           a record without audio gets silence, where the original adds no audio tokens);
+           144 + 50 audio tokens per static frame, up to 192 frames (24 chunks x 314 = 7536
+           video tokens).
            Trained: LoRA adapters (r=128, alpha=256, dropout 0.05; `config.lora`, targets
            `lora.TDC_TARGETS`) plus the whole Q-Former, `frame_seg`, `audio_proj` and the SVA
            connector's `pos_embed_*` (model=tdc; the stand-in has no SVA); frozen: everything

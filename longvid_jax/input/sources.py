@@ -4,7 +4,10 @@ A record is `{"video": path, "conversations": [{"from": "human", "value": "<vide
 {"from": "gpt", "value": "..."}, ...]}` (TDC, LongVALE, TimeChat-style instruction data), or
 LLaVA's single-image record with `"image": path` instead (LLaVA-OneVision, TDC stage 1; the
 image path is then also the item's `video`, which `decode.load_video` reads as one frame), plus
-optional keys (`id`, ...) that are kept as they are.
+optional keys (`id`, ...) that are kept as they are. An optional `"audio": path` names a separate
+sound file (TDC's stage-3 records, whose audio the original loads from that key alone); a
+record whose `audio` is empty / "None" / "none" / "nan" (the original's no-audio values) has
+none, and the item's `audio` is then None. Without the key the video's own track is used.
 """
 
 import json
@@ -29,6 +32,10 @@ class AnnotationError(ValueError):
 
     def __reduce__(self):  # picklable across worker processes
         return type(self), (self.path, self.problem, self.index)
+
+
+# Values of a record's "audio" key that mean "no audio" (TDC's train.py `_has_audio`).
+_NO_AUDIO = ("", "None", "none", "nan")
 
 
 def _visual_key(raw: Mapping[str, Any]) -> str:
@@ -116,6 +123,10 @@ class JsonAnnotationSource:
             item = dict(raw)
             item["video"] = os.path.join(self.video_root,
                                          os.path.expanduser(raw[_visual_key(raw)]))
+            if "audio" in raw:
+                sound = raw["audio"]
+                item["audio"] = (None if not isinstance(sound, str) or sound in _NO_AUDIO
+                                 else os.path.join(self.video_root, os.path.expanduser(sound)))
             item["_index"] = i
             item["_source"] = self.path
             self._items.append(item)

@@ -126,8 +126,10 @@ class DecodeExample(grain.transforms.Map):
 
         audio_mel = np.zeros((num_max, cfg.num_mel_bins, AUDIO_WINDOW), np.float32)
         audio_mask = np.zeros((num_max,), bool)
+        sound = record.get("audio", record["video"])  # None: the record has no audio
         if cfg.num_mel_bins > 0:
-            wave = decode.load_audio(record["video"], sample_rate=cfg.sample_rate)
+            wave = (decode.load_audio(sound, sample_rate=cfg.sample_rate) if sound is not None
+                    else None)
             mel, has_audio = audio.per_second_features(
                 wave, clip.timestamps, clip.duration, num_mel_bins=cfg.num_mel_bins,
                 sample_rate=cfg.sample_rate, n_fft=cfg.sample_rate // 40,  # 25 ms window
@@ -136,7 +138,7 @@ class DecodeExample(grain.transforms.Map):
             audio_mel[:n], audio_mask[:n] = mel, has_audio
 
         what = f"{record['video']} (record {record['_index']} of {record['_source']})"
-        beats = self._beats_audio(record["video"], clip, what) if cfg.beats_windows else {}
+        beats = self._beats_audio(sound, clip, what) if cfg.beats_windows else {}
         text = chat.tokenize_conversation(
             record["conversations"], tok, template=cfg.template, system=cfg.system,
             num_video_tokens=int(self.num_video_tokens(n)),
@@ -186,12 +188,13 @@ class DecodeExample(grain.transforms.Map):
         idx = (np.arange(keep) * (n / keep)).astype(np.int64)
         return dataclasses.replace(clip, frames=clip.frames[idx], timestamps=clip.timestamps[idx])
 
-    def _beats_audio(self, path: str, clip: decode.VideoClip, what: str
+    def _beats_audio(self, path: str | None, clip: decode.VideoClip, what: str
                      ) -> dict[str, np.ndarray]:
-        """TDC's audio of one record: BEATs fbank windows and each frame's time steps."""
+        """TDC's audio of one record (`path`: the record's sound file or video; None: it has
+        none): BEATs fbank windows and each frame's time steps."""
         cfg = self.cfg
-        wave = decode.load_audio(path, sample_rate=cfg.sample_rate)
-        if wave is None:  # no audio track: silence of the clip's length
+        wave = decode.load_audio(path, sample_rate=cfg.sample_rate) if path is not None else None
+        if wave is None:  # no audio (track): silence of the clip's length
             wave = np.zeros((int(round(clip.duration * cfg.sample_rate)),), np.float32)
         feats = fbank.tdc_fbank_windows(wave, sample_rate=cfg.sample_rate)
         w = min(feats.shape[0], cfg.beats_windows)

@@ -283,6 +283,20 @@ def test_beats_audio_windows_and_frame_steps(tmp_path, media_dir, qwen2, monkeyp
         assert count.sum() == steps and count[-1] == steps - start[-1]  # the last: to the end
         assert 12 <= count[0] <= 13  # seconds 0 and 1 (1 skipped)
 
+    # A record's own "audio" file (TDC stage 3) replaces the video's track; "audio": None
+    # (the original's no-audio values) gives silence.
+    video = str(media_dir / "movie-hello.mp4")
+    other = str(media_dir / "cockatoo.mp4")  # 14 s of another clip's sound: 2 windows
+    silent = fbank.tdc_fbank_windows(np.zeros(int(round(8.3 * 16000)), np.float32))
+    for audio_key, want in ((other, fbank.tdc_fbank_windows(decode.load_audio(other))),
+                            (None, silent)):
+        ex = decoder.map({"video": video, "audio": audio_key, "conversations": CONVS[0],
+                          "_index": 0, "_source": "inline"})
+        assert "_failed" not in ex, ex
+        w = len(want)
+        assert ex["audio_window_mask"].tolist() == [True] * w + [False] * (2 - w)
+        np.testing.assert_array_equal(ex["audio_fbank"][:w], want)
+
     def corrupt(path, **_):
         raise decode.VideoDecodeError(path, "corrupt audio stream (test)")
 

@@ -38,6 +38,16 @@ def test_llava_image_records(tmp_path):
     assert src[1]["video"] == str(tmp_path / "clips/a.mp4") and "image" not in src[1]
 
 
+def test_separate_audio_files(tmp_path):
+    """TDC stage-3 records name their sound file under "audio" (resolved like the video); the
+    original's no-audio values give None; without the key the item has no "audio"."""
+    recs = [dict(GOOD, audio="sounds/a.wav"), dict(GOOD, audio="None"), dict(GOOD, audio=""),
+            GOOD]
+    src = JsonAnnotationSource(_jsonl(tmp_path / "s3.jsonl", recs), video_root="/data")
+    assert src[0]["audio"] == "/data/sounds/a.wav"
+    assert src[1]["audio"] is None and src[2]["audio"] is None and "audio" not in src[3]
+
+
 def test_bad_json_file(tmp_path):
     path = tmp_path / "broken.json"
     path.write_text('[{"video": "a.mp4", "conversations": [}')
