@@ -196,13 +196,15 @@ class DecodeExample(grain.transforms.Map):
         wave = decode.load_audio(path, sample_rate=cfg.sample_rate) if path is not None else None
         if wave is None:  # no audio (track): silence of the clip's length
             wave = np.zeros((int(round(clip.duration * cfg.sample_rate)),), np.float32)
-        feats = fbank.tdc_fbank_windows(wave, sample_rate=cfg.sample_rate)
-        w = min(feats.shape[0], cfg.beats_windows)
+        # Only the first W windows are kept: the fbank of the rest is never computed.
+        feats = fbank.tdc_fbank_windows(wave[:cfg.beats_windows * 10 * cfg.sample_rate],
+                                        sample_rate=cfg.sample_rate)
+        w = feats.shape[0]
         if len(wave) > (10 * w + 1) * cfg.sample_rate:  # a cut beyond a sub-second tail
             logging.warning("%s: audio of %.1f s cut to its first %d s (input.beats_windows=%d)",
                             what, len(wave) / cfg.sample_rate, 10 * w, w)
         out = np.zeros((cfg.beats_windows,) + feats.shape[1:], np.float32)
-        out[:w] = feats[:w]
+        out[:w] = feats
         steps, seconds = fbank.beats_step_seconds(feats.shape[1], cfg.beats_patch)
         start, count = fbank.tdc_frame_audio_steps(clip.timestamps, w * steps, seconds)
         n = len(clip.timestamps)

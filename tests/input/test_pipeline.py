@@ -1,5 +1,6 @@
 """The Grain pipeline end to end on real clips: skipping, batching, buckets, state, workers."""
 
+import dataclasses
 import functools
 import json
 import logging
@@ -296,6 +297,13 @@ def test_beats_audio_windows_and_frame_steps(tmp_path, media_dir, qwen2, monkeyp
         w = len(want)
         assert ex["audio_window_mask"].tolist() == [True] * w + [False] * (2 - w)
         np.testing.assert_array_equal(ex["audio_fbank"][:w], want)
+    # A track longer than the windows is cut: its first window as the whole track's.
+    one = DecodeExample(cfg=dataclasses.replace(cfg, beats_windows=1),
+                        num_video_tokens=video_tokens).map(
+        {"video": other, "conversations": CONVS[0], "_index": 0, "_source": "inline"})
+    assert one["audio_window_mask"].tolist() == [True]
+    np.testing.assert_array_equal(one["audio_fbank"],
+                                  fbank.tdc_fbank_windows(decode.load_audio(other))[:1])
 
     def corrupt(path, **_):
         raise decode.VideoDecodeError(path, "corrupt audio stream (test)")
