@@ -49,36 +49,6 @@ def model_config(configs: Mapping[str, Any]) -> tdc.TDCConfig:
                          tower_grid=configs["connector"].tower_grids[0])
 
 
-def frame_audio_tokens(tokens: np.ndarray, times: np.ndarray, freq_patches: int,
-                       seconds_per_patch: float) -> np.ndarray:
-    """Per-frame audio tokens: each kept frame takes the time patches that start in its second
-    and in the seconds skipped before the next kept frame (the last frame: to the end of the
-    track; `fbank.tdc_frame_audio_steps`, the rule training shares), all their frequency
-    patches in order, average-pooled to 50 tokens (`adaptive_avg_pool1d`; zeros when there
-    are none). ORIGINALS.md describes TDC's rule as 50 tokens per second with skipped seconds
-    pooled into the kept frame; the exact pooling inside a second is this module's reading of
-    it. `models.tdc.pool_frame_audio` is the same pooling in-graph.
-
-    Args:
-      tokens: float[P, E] BEATs tokens of the whole track, time-major (t * freq_patches + f).
-      times: float[F] kept frame times in seconds, increasing.
-      freq_patches: frequency patches per time step (128 mel bins / 16).
-      seconds_per_patch: seconds per time patch (16 fbank frames of 10 ms: 0.16).
-
-    Returns:
-      float32[F, 50, E].
-    """
-    steps = tokens.shape[0] // freq_patches
-    grid = tokens[:steps * freq_patches].reshape(steps, freq_patches, -1)
-    start, count = fbank.tdc_frame_audio_steps(times, steps, seconds_per_patch)
-    out = np.zeros((len(times), tdc.AUDIO_TOKENS_PER_FRAME, tokens.shape[1]), np.float32)
-    for i, (s, n) in enumerate(zip(start, count)):
-        if n:
-            x = grid[s:s + n].reshape(-1, tokens.shape[1])
-            out[i] = qformer.adaptive_pool_matrix(len(x), tdc.AUDIO_TOKENS_PER_FRAME) @ x
-    return out
-
-
 class TDCPredictor:
     """A TDC model ready to answer questions about videos.
 
@@ -253,15 +223,19 @@ class TDCPredictor:
                 "video": np.asarray(video_tokens[0, :nv])}
 
     def _track_tokens(self, wave: np.ndarray, stamps: np.ndarray) -> np.ndarray:
-        """BEATs tokens of the whole track (10 s windows), assigned to the frames' seconds."""
+        """float32[F, 50, E]: BEATs tokens of the whole track (10 s windows), each frame's
+        steps (`fbank.tdc_frame_audio_steps`: its second and the skipped seconds after it)
+        pooled by `tdc.pool_frame_audio`, as the training step does."""
         c = self.config.beats
         feats = fbank.tdc_fbank_windows(wave, sample_rate=SAMPLE_RATE, window_s=AUDIO_WINDOW_S)
         toks = np.asarray(self._audio(self.params, feats))  # [W, P, E], time-major
         freq = c.num_mel_bins // c.patch_size
         per_win, seconds_per_patch = fbank.beats_step_seconds(feats.shape[1], c.patch_size,
                                                               AUDIO_WINDOW_S)
-        track = toks[:, :per_win * freq].reshape(feats.shape[0] * per_win * freq, -1)
-        return frame_audio_tokens(track, stamps, freq, seconds_per_patch)
+        track = toks[:, :per_win * freq].reshape(1, feats.shape[0] * per_win, freq, -1)
+        start, count = fbank.tdc_frame_audio_steps(stamps, track.shape[1], seconds_per_patch)
+        # The training step's pooling (each frame's steps average-pooled to 50 tokens).
+        return np.asarray(tdc.pool_frame_audio(jnp.asarray(track), start[None], count[None]))[0]
 
 
 def _splice(model: tdc.TDCModel, params, ids, video):

@@ -102,12 +102,23 @@ def test_long_video_tokens_are_trimmed_per_chunk_to_the_context(predictor):
     assert short["video_tokens"] == full["video_tokens"] - chunks * -(-9 // chunks)
 
 
+def _pool_track(tokens, times, freq_patches, seconds_per_patch):
+    """`TDCPredictor`'s per-frame audio of one track (tokens float[P, E] time-major):
+    `fbank.tdc_frame_audio_steps` then `tdc.pool_frame_audio`; float32[F, 50, E]."""
+    from longvid_jax.input import fbank
+
+    steps = tokens.shape[0] // freq_patches
+    start, count = fbank.tdc_frame_audio_steps(times, steps, seconds_per_patch)
+    grid = tokens[:steps * freq_patches].reshape(1, steps, freq_patches, -1)
+    return np.asarray(tdc.pool_frame_audio(jnp.asarray(grid), start[None], count[None]))[0]
+
+
 def test_frame_audio_tokens_pool_each_second():
     """Frames at 0, 1 and 3 s of a 3.84 s track: frame 0 takes second 0, frame 1 seconds 1-2
     (second 2 was skipped), frame 2 second 3 to the end."""
     rng = np.random.default_rng(3)
     toks = rng.standard_normal((24 * 8, 5)).astype(np.float32)  # 24 steps of 0.16 s x 8
-    out = tdc_infer.frame_audio_tokens(toks, np.array([0.0, 1.0, 3.0]), 8, 0.16)
+    out = _pool_track(toks, np.array([0.0, 1.0, 3.0]), 8, 0.16)
     assert out.shape == (3, 50, 5)
     steps = toks.reshape(24, 8, 5)
     second = np.floor(np.arange(24) * 0.16 + 1e-9)
@@ -115,12 +126,32 @@ def test_frame_audio_tokens_pool_each_second():
         x = steps[(second >= lo) & (second < hi)].reshape(-1, 5)
         want = tdc_infer.qformer.adaptive_pool_matrix(len(x), 50) @ x
         np.testing.assert_allclose(out[i], want, rtol=1e-5, atol=1e-6)
-    none = tdc_infer.frame_audio_tokens(toks, np.array([0.0, 7.0]), 8, 0.16)
+    none = _pool_track(toks, np.array([0.0, 7.0]), 8, 0.16)
     assert not none[1].any()  # no audio after 3.84 s
 
 
+def _frame_audio_reference(tokens, times, freq_patches, seconds_per_patch):
+    """The pooling rule written as a loop (float32[F, 50, E]): frame i's time steps
+    (`fbank.tdc_frame_audio_steps`), all their frequency patches in order (tokens float[P, E]
+    time-major, t * freq_patches + f), average-pooled to 50 by `adaptive_avg_pool1d`'s matrix;
+    zeros when a frame has none."""
+    from longvid_jax.input import fbank
+    from longvid_jax.models import qformer
+
+    steps = tokens.shape[0] // freq_patches
+    grid = tokens[:steps * freq_patches].reshape(steps, freq_patches, -1)
+    start, count = fbank.tdc_frame_audio_steps(times, steps, seconds_per_patch)
+    out = np.zeros((len(times), tdc.AUDIO_TOKENS_PER_FRAME, tokens.shape[1]), np.float32)
+    for i, (s, n) in enumerate(zip(start, count)):
+        if n:
+            x = grid[s:s + n].reshape(-1, tokens.shape[1])
+            out[i] = qformer.adaptive_pool_matrix(len(x), tdc.AUDIO_TOKENS_PER_FRAME) @ x
+    return out
+
+
 def test_in_graph_audio_pooling_equals_the_host_rule():
-    """`tdc.pool_frame_audio` (the training step's pooling) == `frame_audio_tokens` on random
+    """`tdc.pool_frame_audio` (the pooling of the training step and of `TDCPredictor`) == the
+    rule written as a loop (`_frame_audio_reference`) on random
     BEATs-like tokens (a large common offset, as real features have) and random frame times:
     skipped seconds, two frames in one second, frames past the end of the track (no audio),
     the last frame taking the rest; two rows of different track lengths, padding frames."""
@@ -142,7 +173,7 @@ def test_in_graph_audio_pooling_equals_the_host_rule():
         mask[b, :n] = True
         st, ct = fbank.tdc_frame_audio_steps(times, n, spp)
         start[b, :len(times)], count[b, :len(times)] = st, ct
-        want[b, :len(times)] = tdc_infer.frame_audio_tokens(
+        want[b, :len(times)] = _frame_audio_reference(
             tokens[b, :n].reshape(n * r, e), times, r, spp)
     assert count[1, 4:7].tolist() == [0, 0, 0] and count[0, 5] > 4 * 6  # seconds 12-16
     assert start[0, 2] == start[0, 3] and count[0, 2] > 0  # 4.0 s and 4.5 s share a second

@@ -206,7 +206,7 @@ def beats_step_seconds(fbank_frames: int, patch_size: int, window_s: int = 10
 def tdc_frame_audio_steps(times: np.ndarray, num_steps: int, seconds_per_step: float
                           ) -> tuple[np.ndarray, np.ndarray]:
     """The BEATs time steps each kept frame pools into its audio tokens (TDC's rule as read by
-    longvid_jax: `tdc_infer.frame_audio_tokens` and the training pipeline both use this).
+    longvid_jax: `tdc_infer` and the training pipeline both use this).
 
     Step t belongs to second `floor(t * seconds_per_step)`. Frame i (at `times[i]`) takes the
     steps whose second lies in `[floor(times[i]), floor(times[i + 1]))`, i.e. its own second

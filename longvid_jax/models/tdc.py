@@ -226,7 +226,9 @@ def overflow_keep(token_mask: Bool[Array, "B N"], token_frame: Int[Array, "B N"]
 def pool_frame_audio(tokens: Float[Array, "B A R E"], start: Int[Array, "B F"],
                      count: Int[Array, "B F"], *, step_mask: Bool[Array, "B A"] | None = None,
                      num_out: int = AUDIO_TOKENS_PER_FRAME) -> Float[Array, "B F Q E"]:
-    """Each frame's audio tokens, in-graph: `tdc_infer.frame_audio_tokens` for a batch.
+    """Each frame's audio tokens, in-graph (the training step and `tdc_infer` both pool so).
+    ORIGINALS.md gives TDC's rule as 50 tokens per second with skipped seconds pooled into the
+    kept frame; the exact pooling inside a second is longvid_jax's reading of it.
 
     Frame f of row b owns the BEATs time steps `[start, start + count)`
     (`input.fbank.tdc_frame_audio_steps`, computed on the host); their `count * R` tokens
@@ -479,7 +481,7 @@ class TDCModel(nn.Module):
                     ) -> Float[Array, "B F Q Ea"]:
         """Per-frame audio tokens of a training batch: BEATs (frozen: its output is a constant
         of the step) over every 10 s window, then `pool_frame_audio` with the frames' step
-        ranges, as `tdc_infer` (`_track_tokens` + `frame_audio_tokens`) does on the host.
+        ranges, as `tdc_infer` (`TDCPredictor._track_tokens`) does per video.
 
         Args:
           fbank: float[B, W, Af, C] `input.fbank.tdc_fbank_windows` of each row's track,
