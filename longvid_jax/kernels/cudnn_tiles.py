@@ -20,8 +20,6 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-_NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)
-
 
 def _fused():
     from jax._src.cudnn import fused_attention_stablehlo as fa
@@ -73,43 +71,41 @@ def tile_backward(q: Float[Array, "B T N H"], k: Float[Array, "B S K H"],
 
 
 # --- The contract in pure JAX (float32 scores; tests and the GPU check) ----------------------
+# Written with the XLA ring step's tile functions (`ring._block_stats` / `_block_grads`),
+# imported when called: `ring` imports this module.
 
 
-def _scores(q, k, causal, scale):
+def _grouped(q, k):
+    """q [B, T, N, H] as [B, T, K, G, H] and the positions that make the causal mask."""
     b, t, n, h = q.shape
-    kh = k.shape[2]
-    qg = q.reshape(b, t, kh, n // kh, h).astype(jnp.float32)
-    s = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k.astype(jnp.float32)) * scale
-    if causal:
-        s = jnp.where(jnp.tril(jnp.ones((t, k.shape[1]), bool)), s, _NEG_INF)
-    return s
+    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    k_pos = jnp.broadcast_to(jnp.arange(k.shape[1], dtype=jnp.int32), (b, k.shape[1]))
+    return q.reshape(b, t, k.shape[2], n // k.shape[2], h), pos, k_pos
 
 
 def reference_forward(q, k, v, *, causal, scale):
     """`tile_forward` in XLA: same shapes and dtypes."""
+    from longvid_jax.kernels import ring
+
     b, t, n, h = q.shape
-    s = _scores(q, k, causal, scale)
-    lse = jax.nn.logsumexp(s, axis=-1)
-    p = jnp.exp(s - lse[..., None])
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", p, v.astype(jnp.float32)).reshape(b, t, n, h)
-    return out.astype(q.dtype), lse.reshape(b, n, t)
+    qg, pos, k_pos = _grouped(q, k)
+    m, l, acc = ring._block_stats(qg, k, v, pos, k_pos, None, None, causal=causal, scale=scale)
+    out = acc / jnp.moveaxis(l, -1, 1)[..., None]
+    return out.reshape(q.shape).astype(q.dtype), (m + jnp.log(l)).reshape(b, n, t)
 
 
 def reference_backward(q, k, v, out, lse, d_out, *, causal, scale):
     """`tile_backward` in XLA (FlashAttention-2 Algorithm 2 for one tile)."""
+    from longvid_jax.kernels import ring
+
     b, t, n, h = q.shape
-    kh = k.shape[2]
     f32 = jnp.float32
-    s = _scores(q, k, causal, scale)
-    p = jnp.exp(s - lse.reshape(b, kh, n // kh, t)[..., None])
-    dog = d_out.reshape(b, t, kh, n // kh, h).astype(f32)
-    delta = jnp.einsum("BTKGH,BTKGH->BKGT", out.reshape(dog.shape).astype(f32), dog)
-    dv = jnp.einsum("BKGTS,BTKGH->BSKH", p, dog)
-    dp = jnp.einsum("BTKGH,BSKH->BKGTS", dog, v.astype(f32))
-    ds = p * (dp - delta[..., None])
-    dq = jnp.einsum("BKGTS,BSKH->BTKGH", ds, k.astype(f32)).reshape(q.shape) * scale
-    dk = jnp.einsum("BKGTS,BTKGH->BSKH", ds, q.reshape(dog.shape).astype(f32)) * scale
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+    qg, pos, k_pos = _grouped(q, k)
+    dog = d_out.reshape(qg.shape)
+    delta = jnp.einsum("BTKGH,BTKGH->BKGT", out.reshape(qg.shape).astype(f32), dog.astype(f32))
+    dq, dk, dv = ring._block_grads(qg, k, v, dog, lse.reshape(delta.shape), delta, pos, k_pos,
+                                   None, None, causal=causal, scale=scale)
+    return dq.reshape(q.shape).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
 def check_against_reference(seed: int = 0, t: int = 512, n: int = 8, kh: int = 2,
