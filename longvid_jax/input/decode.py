@@ -95,24 +95,39 @@ def _probe(path: str) -> tuple[float | None, int, int]:
         raise VideoDecodeError(path, f"not a readable media file ({_short(e)})") from e
 
 
-def sample_indices(frame_times: np.ndarray, duration: float, fps: float, max_frames: int):
+SUBSAMPLE_RULES = ("linspace", "floor")
+
+
+def sample_indices(frame_times: np.ndarray, duration: float, fps: float, max_frames: int,
+                   subsample: str = "linspace"):
     """Frame indices at times i / fps (< duration), capped uniformly to `max_frames`.
 
     Args:
         frame_times: float[N] presentation time of every decoded frame (non-decreasing), s.
         duration: s.
         fps: sampling rate (frames / s).
-        max_frames: cap; above it `np.linspace(0, n - 1, max_frames)` (rounded) picks among the
-            candidate times, as TDC's `uniform_sample`.
+        max_frames: cap; above it the n candidate times are subsampled uniformly:
+            "linspace" keeps `round(linspace(0, n - 1, max_frames))` (LongVA / TPO, the
+            lmms-eval loaders), "floor" keeps `int(i * n / max_frames)` (TDC's
+            `uniform_sample` in training).
+        subsample: "linspace" or "floor".
 
     Returns:
         int64[F] indices of the decoded frames nearest to the chosen times.
+
+    Raises:
+        ValueError: an unknown `subsample` rule.
     """
+    if subsample not in SUBSAMPLE_RULES:
+        raise ValueError(f"subsample must be one of {SUBSAMPLE_RULES}, got {subsample!r}")
     num_candidates = max(1, int(math.ceil(duration * fps - 1e-9)))
     times = np.arange(num_candidates, dtype=np.float64) / fps
     times = times[times < duration] if duration > 0 else times[:1]
-    if times.shape[0] > max_frames:
-        times = times[np.linspace(0, times.shape[0] - 1, max_frames).round().astype(np.int64)]
+    n = times.shape[0]
+    if n > max_frames and subsample == "linspace":
+        times = times[np.linspace(0, n - 1, max_frames).round().astype(np.int64)]
+    elif n > max_frames:
+        times = times[(np.arange(max_frames) * (n / max_frames)).astype(np.int64)]
     right = np.clip(np.searchsorted(frame_times, times), 1, len(frame_times) - 1)
     left = right - 1
     if len(frame_times) == 1:
@@ -219,6 +234,7 @@ def load_video(
     pad_to_square: bool = True,
     fill=(0, 0, 0),
     num_threads: int = 1,
+    subsample: str = "linspace",
 ) -> VideoClip:
     """Decodes frames at `fps`, at most `max_frames`, optionally resized and padded to a square.
 
@@ -227,8 +243,8 @@ def load_video(
     a shorter clip.
 
     Sampling: times t_i = i / fps for all t_i < duration (14.0 s -> 14 frames at 1 fps, 8.3 s
-    -> 9); above `max_frames`, `np.linspace` over the candidates (rounded) keeps `max_frames`;
-    each time takes the decoded frame whose presentation time is nearest.
+    -> 9); above `max_frames`, a uniform subsample keeps `max_frames` (`subsample`, see
+    `sample_indices`); each time takes the decoded frame whose presentation time is nearest.
 
     Args:
         path: video file.
@@ -238,6 +254,7 @@ def load_video(
         pad_to_square: pad to a centred square (`size` x `size` when resized) with `fill`.
         fill: RGB uint8 padding colour (TDC: the image processor's mean x 255).
         num_threads: decoder threads (0 = decord's automatic choice).
+        subsample: "linspace" or "floor", the rule above `max_frames` (`sample_indices`).
 
     A still image (`is_image`) gives one frame at time 0 (duration 0, native_fps 0), resized
     with Pillow's bicubic filter when `size` is given.
@@ -250,6 +267,8 @@ def load_video(
             unreadable fps; an image that does not decode.
     """
     path = os.fspath(path)
+    if subsample not in SUBSAMPLE_RULES:
+        raise ValueError(f"subsample must be one of {SUBSAMPLE_RULES}, got {subsample!r}")
     if fps <= 0 or max_frames < 1:
         raise ValueError(f"fps must be > 0 and max_frames >= 1, got {fps}, {max_frames}")
     _check_file(path)
@@ -289,7 +308,7 @@ def load_video(
             or np.any(np.diff(frame_times) < 0)
         ):
             frame_times = np.arange(num, dtype=np.float64) / native_fps
-        idx = sample_indices(frame_times, duration, fps, max_frames)
+        idx = sample_indices(frame_times, duration, fps, max_frames, subsample)
         try:
             frames = reader.get_batch(idx.tolist()).asnumpy()
         except (decord.DECORDError, RuntimeError) as e:
@@ -318,10 +337,11 @@ def load_video(
     )
 
 
-def load_audio(path, *, sample_rate: int = 16000) -> np.ndarray | None:
+def load_audio(path, *, sample_rate: int = 16000, mix: str = "mean") -> np.ndarray | None:
     """Decodes a file's first audio stream to mono float32 at `sample_rate`.
 
-    Channels are averaged; resampling uses soxr (high quality). A stream that decodes to
+    Channels are averaged (`mix="mean"`) or the first is kept (`mix="first"`, as TDC's
+    `AudioProcessor.read_audio` takes `audio[:, 0]`); resampling uses soxr (high quality). A stream that decodes to
     more than max(0.25 s, 0.5 %) less than its header's duration counts as truncated. Sample 0
     is the stream's first decoded sample (a start offset between the audio and video streams,
     typically < 0.1 s, is ignored).
@@ -329,6 +349,7 @@ def load_audio(path, *, sample_rate: int = 16000) -> np.ndarray | None:
     Args:
         path: media file.
         sample_rate: output rate in Hz.
+        mix: "mean" or "first", how channels become one.
 
     Returns:
         float32[samples] in [-1, 1], or None when the file has no audio track (a valid case:
@@ -337,9 +358,15 @@ def load_audio(path, *, sample_rate: int = 16000) -> np.ndarray | None:
     Raises:
         VideoDecodeError: missing/empty/unreadable file, or a corrupt or truncated audio stream.
     """
+    if mix not in ("mean", "first"):
+        raise ValueError(f"mix must be 'mean' or 'first', got {mix!r}")
     path = os.fspath(path)
     _check_file(path)
     chunks, in_rate = [], None
+
+    def mono(planar: np.ndarray) -> np.ndarray:  # [channels, n] -> [n]
+        return planar.mean(axis=0) if mix == "mean" else planar[0]
+
     try:
         with av.open(path) as container:
             if not container.streams.audio:
@@ -354,9 +381,9 @@ def load_audio(path, *, sample_rate: int = 16000) -> np.ndarray | None:
             for frame in container.decode(stream):
                 in_rate = in_rate or frame.sample_rate
                 for out in to_float.resample(frame):
-                    chunks.append(out.to_ndarray().mean(axis=0))  # [channels, n] -> [n]
+                    chunks.append(mono(out.to_ndarray()))
             for out in to_float.resample(None):
-                chunks.append(out.to_ndarray().mean(axis=0))
+                chunks.append(mono(out.to_ndarray()))
     except av.FFmpegError as e:
         raise VideoDecodeError(path, f"corrupt audio stream ({_short(e)})") from e
     if not chunks or not in_rate:

@@ -13,7 +13,8 @@ Lq = qformer_text_len):
   qformer_text_mask bool[B, Lq], record_index int32[B] (-1 on padding rows), num_skipped int32[];
   with `tower_views`, also one float32[B, F, S_v, S_v, 3] array per view and image_sizes
   int32[B, 2]; with `beats_windows` W > 0 (TDC's audio), audio_fbank float32[B, W, Af, 128],
-  audio_window_mask bool[B, W], audio_frame_start / audio_frame_count int32[B, F].
+  audio_window_frames int32[B, W], audio_second_start / audio_second_count int32[B, 10 W],
+  audio_frame_start / audio_frame_count int32[B, F], audio_present bool[B].
 
 Workers (`num_workers > 0`) are Grain's mp_prefetch processes; absl flags must be parsed first
 (the trainer runs under `absl.app.run`; elsewhere call `absl.flags.FLAGS(["prog"])`).
@@ -26,6 +27,7 @@ from typing import Any
 import grain
 from absl import flags
 
+from longvid_jax.input import decode
 from longvid_jax.input import tokenizer as tokenizer_lib
 from longvid_jax.input.sources import AnnotationError, JsonAnnotationSource
 from longvid_jax.input.transforms import DecodeExample, SkipAndBatchIterDataset, pad_id
@@ -45,6 +47,9 @@ class PipelineConfig:
             file's folder).
         fps: frame sampling rate (frames / s).
         max_frames: F, the cap on frames per video; frames are padded to F.
+        frame_subsample: how a video with more than F frames at `fps` is cut to F
+            (`decode.sample_indices`): "linspace" (rounded `np.linspace`, LongVA / TPO) or
+            "floor" (`int(i * n / F)`, TDC's `uniform_sample`).
         image_size: S; frames are resized (long side S) and padded to S x S with the mean.
         image_mean, image_std: per-channel normalisation of x / 255.
         num_mel_bins: C of the log-mel audio features (0: no audio decoding).
@@ -63,14 +68,18 @@ class PipelineConfig:
             view, `frames` included, is made from the same aspect-preserving decode by
             `decode.tower_pixels` (`expand2square` with that tower's mean, bicubic resize),
             and `image_sizes` holds the decoded (height, width).
-        beats_windows: W, TDC audio for BEATs (0: none): each record's track as 10 s windows
-            of BEATs fbank (`fbank.tdc_fbank_windows`, Af = 998 frames at 16 kHz), padded to
-            W windows, with each kept frame's BEATs time steps (`fbank.tdc_frame_audio_steps`,
-            the rule `tdc_infer` pools by). The configs use ceil(max_frames / fps / 10): a
-            longer track (a video subsampled to max_frames) is cut after W windows, with a
-            warning, and frames beyond it get fewer or no audio tokens. A clip without an
-            audio track gets silence of its duration, as the Whisper features do; a corrupt
-            audio stream fails the record (`decode.VideoDecodeError`). Needs 16 kHz.
+        beats_windows: W, TDC audio for BEATs (0: none): each record's track (its `"audio"`
+            file, else the video's own track) as TDC's 10 s windows of BEATs fbank
+            (`fbank.tdc_window_fbanks`, Af = 998 frames at 16 kHz), padded to W windows, with
+            each second's tokens and each kept frame's seconds (`fbank.tdc_second_tokens`,
+            `tdc_frame_seconds`; pooled in the model by `models.tdc.tdc_frame_audio`, as
+            `tdc_infer` does). The original encodes the whole track; the configs use
+            ceil(max_frames / fps / 10) windows: a longer track is cut after W windows, with a
+            warning, and frames beyond it get fewer or no audio tokens (raise W for long
+            videos). A record without audio (an `"audio"` of none, or no track) gets no audio
+            tokens (`audio_present` False), as in the original; a corrupt audio stream fails
+            the record (`decode.VideoDecodeError`). Needs 16 kHz and fps 1 (TDC pairs each
+            1-fps frame with its second of audio).
         beats_patch: fbank frames per BEATs time step (the patch size, 16).
         max_frame_context: TDC's max-frame rule in training (0: off): a record keeps at most
             `(max_frame_context - text - 16) // 32` frames (38 with `beats_windows`), text =
@@ -91,6 +100,7 @@ class PipelineConfig:
     video_root: str | None = None
     fps: float = 1.0
     max_frames: int = 16
+    frame_subsample: str = "linspace"
     image_size: int = 32
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
@@ -136,14 +146,17 @@ class PipelineConfig:
             raise ValueError("image_mean and image_std need 3 values")
         if self.batch_size < 1 or self.max_frames < 1 or self.image_size < 1 or self.fps <= 0:
             raise ValueError("batch_size, max_frames, image_size and fps must be positive")
+        if self.frame_subsample not in decode.SUBSAMPLE_RULES:
+            raise ValueError(f"frame_subsample must be one of {decode.SUBSAMPLE_RULES}, got "
+                             f"{self.frame_subsample!r}")
         if self.num_mel_bins < 0 or self.qformer_text_len < 0 or self.num_workers < 0:
             raise ValueError("num_mel_bins, qformer_text_len and num_workers must be >= 0")
         if self.beats_windows < 0 or self.beats_patch < 1 or self.max_frame_context < 0:
             raise ValueError("beats_windows and max_frame_context must be >= 0, beats_patch "
                              ">= 1")
-        if self.beats_windows and self.sample_rate != 16000:
-            raise ValueError(f"BEATs audio (beats_windows > 0) needs sample_rate 16000, got "
-                             f"{self.sample_rate}")
+        if self.beats_windows and (self.sample_rate != 16000 or self.fps != 1):
+            raise ValueError(f"BEATs audio (beats_windows > 0) needs sample_rate 16000 and fps "
+                             f"1, got {self.sample_rate} and {self.fps}")
         if self.sample_rate % 100:
             raise ValueError(f"sample_rate must be a multiple of 100 Hz, got {self.sample_rate}")
         if self.num_epochs is not None and self.num_epochs < 1:

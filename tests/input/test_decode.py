@@ -61,6 +61,11 @@ def test_sample_indices_nearest_and_cap():
     candidates = np.arange(21) / 2.0
     want = np.abs(times[None] - candidates[np.linspace(0, 20, 5).round().astype(int), None])
     assert idx.tolist() == want.argmin(1).tolist()
+    idx = decode.sample_indices(times, 300 / 29.97, fps=2.0, max_frames=5, subsample="floor")
+    want = np.abs(times[None] - candidates[[0, 4, 8, 12, 16], None])  # int(i * 21 / 5)
+    assert idx.tolist() == want.argmin(1).tolist()
+    with pytest.raises(ValueError, match="subsample"):
+        decode.sample_indices(times, 10.0, fps=1.0, max_frames=5, subsample="random")
 
 
 def test_expand2square_centres():
@@ -128,6 +133,22 @@ def test_audio_stereo_48k_to_mono_16k(media_dir):
     err = wave[inner] - reference[inner]  # two different resampling filters
     assert np.sqrt(np.mean(err**2)) < 0.05 * np.sqrt(np.mean(reference[inner] ** 2))
     assert np.abs(err).max() < 0.05
+    with pytest.raises(ValueError, match="mix"):
+        decode.load_audio(media_dir / "movie-hello.mp4", mix="left")
+
+
+def test_audio_first_channel(tmp_path):
+    """`mix="first"` keeps channel 0 (TDC's `audio[:, 0]`), "mean" averages; a 16 kHz stereo WAV
+    whose channels differ."""
+    from scipy.io import wavfile
+
+    t = np.arange(16000) / 16000
+    left, right = 0.5 * np.sin(2 * np.pi * 440 * t), 0.25 * np.sin(2 * np.pi * 97 * t)
+    wavfile.write(tmp_path / "stereo.wav", 16000, np.stack([left, right], 1).astype(np.float32))
+    first = decode.load_audio(tmp_path / "stereo.wav", mix="first")
+    mean = decode.load_audio(tmp_path / "stereo.wav")
+    np.testing.assert_allclose(first, left, atol=1e-6)
+    np.testing.assert_allclose(mean, (left + right) / 2, atol=1e-6)
 
 
 def test_audio_native_rate_and_silent_track(media_dir):
