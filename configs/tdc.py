@@ -21,9 +21,10 @@ the SVA connector, the in-graph scene split, the compressor reading the instruct
 WordPiece ids from `bert_vocab` (bert-base-uncased vocab.txt; required at full size from
 stage 2 on), the per-chunk overflow trim), for all three stages and the demo; with audio
 (stage 3, the demo) BEATs runs frozen inside the step on the pipeline's 10 s fbank windows
-(`input.beats_windows` = ceil(max_frames / fps / 10): a longer track is cut) and each frame's
-BEATs steps (its second and the skipped seconds after it) are pooled to 50 tokens in-graph, as
-`tdc_infer` does. The original's (H, W) swap in unpadding video frames is off for this new
+(`input.beats_windows` = ceil(max_frames / fps / 10): a longer track is cut; the original
+encodes it all) and each frame's audio is computed in-graph by the original's rule, as
+`tdc_infer` does: 50 tokens per second sliced from its window, a frame's own and skipped
+seconds pooled to 50 (`models.tdc.tdc_frame_audio`). The original's (H, W) swap in unpadding video frames is off for this new
 training (`model.connector.swap_image_size_hw=False`; True reproduces the released weights'
 geometry). model=simplified is the earlier stand-in `VideoLLM`: one tower with pooling
 instead of the SVA connector, Whisper audio, the LLM tokenizer's ids for the Q-Former; it
@@ -58,9 +59,11 @@ model=tdc (the default when a stage is named).
            but the vision tower (TDC: "full"). LR 5e-6 (Qwen2) / 2e-5 (Llama); batch 1 x 2 x 8.
   stage=3  audio-video instruction tuning. Data: TDC stage-3 audio-video JSON (the sound from
            each record's "audio" file as the original loads it, else the video's own track;
-           a record without audio gets silence, where the original adds no audio tokens);
+           a record without audio gets no audio tokens, as in the original);
            144 + 50 audio tokens per static frame, up to 192 frames (24 chunks x 314 = 7536
-           video tokens).
+           video tokens) with model=simplified; model=tdc decodes up to 224 frames as the
+           original (`uniform_sample(..., 224)`, `input.frame_subsample="floor"`, in every
+           stage) and its max-frame rule keeps what fits.
            Trained: LoRA adapters (r=128, alpha=256, dropout 0.05; `config.lora`, targets
            `lora.TDC_TARGETS`) plus the whole Q-Former, `frame_seg`, `audio_proj` and the SVA
            connector's `pos_embed_*` (model=tdc; the stand-in has no SVA); frozen: everything
@@ -68,8 +71,8 @@ model=tdc (the default when a stage is named).
            model=tdc adds, as PEFT's suffix match does in the original, an adapter on the
            SVA's attention output (`cross_attn.o_proj`). LR 2e-5; batch 1 x 1 x 8.
            With model=tdc the pipeline applies TDC's max-frame rule (`get_max_num_frames`:
-           (8192 - text - 16) // 38 frames with audio, // 32 in stage 2; it binds above 880
-           text tokens at 192 frames): `input.max_frame_context`.
+           (8192 - text - 16) // 38 frames with audio, at most 215 of the 224; // 32 in
+           stage 2, binding above 1008 text tokens): `input.max_frame_context`.
            Merge the adapters for export with `longvid_jax.models.lora.merge_lora`.
   (none)   the demo recipe: stage 2's trainable set and learning rates on audio-video data
            (144 + 50 audio tokens per static frame at full size, 128 frames; BEATs audio with
@@ -283,6 +286,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         dino_side = tdc_cfg.dinov2.patch_size * tdc_cfg.siglip.grid
         c.input.tower_views = (("dino_frames", dino_side, tdc.DINO_MEAN, tdc.DINO_STD),)
         c.input.qformer_tokenizer = arg.bert_vocab or None
+        # The original's training decode: 1-fps frames cut to 224 by `uniform_sample`
+        # (int(i * n / 224)), then the max-frame rule below.
+        c.input.frame_subsample = "floor"
+        if stage == 3 and not demo:
+            c.input.max_frames = 224
         # Rows reserve the most video tokens any scene split gives; the model drops the unused
         # ones and cuts rows to model.max_context, so buckets may exceed 8192.
         c.input.length_buckets = ((256, 512, 1024, 2048) if demo
@@ -292,7 +300,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             c.input.qformer_tokenizer = None
             c.input.length_buckets = (256, 512) if demo else (1024, 2048, 4096, 8192)
         # Audio for BEATs instead of Whisper features: the track in 10 s fbank windows, enough
-        # windows for max_frames seconds (a longer track is cut), and each frame's time steps.
+        # windows for max_frames seconds (a longer track is cut), each second's tokens and
+        # each frame's seconds.
         c.input.num_mel_bins = 0
         c.input.sample_rate = 16000
         c.input.beats_windows = (-(-int(c.input.max_frames / c.input.fps) // 10)

@@ -119,8 +119,8 @@ class TDCFamily(ModelFamily):
     `tdc.VARIANTS` key) and per-part overrides (`siglip`, `dinov2`, `connector`, `compressor`
     (None: the stage-1 model), `llm`, `beats`, `max_num_segments`, ...). The pipeline must
     give the DINOv2 view as `dino_frames` (`input.tower_views`) and, with `beats`, the audio
-    (`input.beats_windows` > 0: `audio_fbank`, `audio_window_mask`, `audio_frame_start`,
-    `audio_frame_count`)."""
+    (`input.beats_windows` > 0: `audio_fbank`, `audio_window_frames`, `audio_second_start`,
+    `audio_second_count`, `audio_frame_start`, `audio_frame_count`, `audio_present`)."""
 
     name = "tdc"
     _qformer_vocab_field = "model.compressor.qformer.vocab_size"
@@ -134,7 +134,7 @@ class TDCFamily(ModelFamily):
     def example_batch(self, input_cfg, *, batch: int = 1, text_len: int = 8
                       ) -> dict[str, np.ndarray]:
         """A zero batch with the shapes the pipeline produces (SigLIP `frames`, DINOv2
-        `dino_frames`, with `beats` the audio windows and frame step ranges).
+        `dino_frames`, with `beats` the audio windows and their second / frame ranges).
 
         Raises:
           ValueError: the model has BEATs but the pipeline makes no audio
@@ -157,9 +157,12 @@ class TDCFamily(ModelFamily):
                                             sample_rate=input_cfg.sample_rate)
             out.update(audio_fbank=np.zeros((batch, w, frames, c.beats.num_mel_bins),
                                             np.float32),
-                       audio_window_mask=np.ones((batch, w), bool),
+                       audio_window_frames=np.full((batch, w), frames, np.int32),
+                       audio_second_start=np.zeros((batch, 10 * w), np.int32),
+                       audio_second_count=np.zeros((batch, 10 * w), np.int32),
                        audio_frame_start=np.zeros((batch, f), np.int32),
-                       audio_frame_count=np.ones((batch, f), np.int32))
+                       audio_frame_count=np.zeros((batch, f), np.int32),
+                       audio_present=np.ones((batch,), bool))
         return out
 
     def init(self, rng: jax.Array, batch: Mapping[str, Any]) -> dict:

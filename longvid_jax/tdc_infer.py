@@ -9,7 +9,8 @@ of each reported:
            and DINOv2 (378 px, ImageNet mean / std) pixels; the audio track at 16 kHz
   encode   towers + SVA connector + unpad / `image_newline`, a chunk of frames at a time
   split    scene segments from consecutive DINOv2 features (host)
-  audio    BEATs over 10 s windows; each frame gets its second's tokens average-pooled to 50
+  audio    BEATs over 10 s windows; 50 tokens per second; each frame gets its own and its
+           skipped seconds' tokens pooled to 50 (`tdc.tdc_frame_audio`)
   compress the TDC compressor with the question (BERT WordPiece ids) for the Q-Former
   generate the prompt (`chatml_tdc`, one placeholder per video token), KV-cache generation
 
@@ -89,8 +90,8 @@ class TDCPredictor:
         model = tdc.TDCModel(self.config)
         self._encode = jax.jit(lambda p, s, d, z: model.apply(
             {"params": p}, s, d, z, method=tdc.TDCModel.encode_frames))
-        self._audio = (jax.jit(lambda p, x: model.apply({"params": p}, x,
-                                                        method=tdc.TDCModel.encode_audio))
+        self._audio = (jax.jit(lambda p, *a: model.apply({"params": p}, *a,
+                                                         method=tdc.TDCModel.frame_audio))
                        if self.config.beats is not None else None)
         self._compress = jax.jit(
             lambda p, t, c, m, s, a, i, im, n: model.apply(
@@ -131,15 +132,16 @@ class TDCPredictor:
         text_len = self.prompt_len_without_video(question)
         keep = scene_split.max_num_frames(text_len, with_audio=c.beats is not None)
         idx = np.arange(len(clip.frames))
-        if len(idx) > keep:  # uniform subsampling to what fits the context
-            idx = np.linspace(0, len(idx) - 1, keep).round().astype(int)
+        if len(idx) > keep:  # the original's uniform subsampling to what fits the context
+            idx = (np.arange(keep) * (len(idx) / keep)).astype(int)
         frames, stamps = clip.frames[idx], clip.timestamps[idx]
         n = len(frames)
         dino_side = c.dinov2.patch_size * c.siglip.grid
         sig_px = decode.tower_pixels(frames, c.siglip.image_size, tdc.SIGLIP_MEAN, tdc.SIGLIP_STD)
         dino_px = decode.tower_pixels(frames, dino_side, tdc.DINO_MEAN, tdc.DINO_STD)
         sizes = np.broadcast_to(np.asarray(frames.shape[1:3], np.int32), (n, 2))
-        wave = decode.load_audio(video, sample_rate=SAMPLE_RATE) if c.beats else None
+        wave = (decode.load_audio(video, sample_rate=SAMPLE_RATE, mix="first") if c.beats
+                else None)
         times["decode"] = time.perf_counter() - t
         self._print(f"[decode] {video}: {n} frames ({len(clip.frames)} at 1 fps)")
 
@@ -170,7 +172,7 @@ class TDCPredictor:
         t = time.perf_counter()
         audio = None
         if self._audio is not None and wave is not None:
-            audio = jnp.asarray(self._track_tokens(wave, stamps))[None]
+            audio = jnp.asarray(self._track_tokens(wave, stamps, clip.duration))[None]
         times["audio"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -222,20 +224,24 @@ class TDCPredictor:
                 "chunks": int(np.asarray(caux["is_static"]).sum()), "times": times,
                 "video": np.asarray(video_tokens[0, :nv])}
 
-    def _track_tokens(self, wave: np.ndarray, stamps: np.ndarray) -> np.ndarray:
-        """float32[F, 50, E]: BEATs tokens of the whole track (10 s windows), each frame's
-        steps (`fbank.tdc_frame_audio_steps`: its second and the skipped seconds after it)
-        pooled by `tdc.pool_frame_audio`, as the training step does."""
+    def _track_tokens(self, wave: np.ndarray, stamps: np.ndarray, duration: float
+                      ) -> np.ndarray:
+        """float32[F, 50, E]: each kept frame's audio tokens from the whole track, as the
+        training step computes them (`TDCModel.frame_audio`: BEATs over TDC's 10 s windows,
+        each second's 50 tokens, a frame's own and skipped seconds pooled to 50)."""
         c = self.config.beats
-        feats = fbank.tdc_fbank_windows(wave, sample_rate=SAMPLE_RATE, window_s=AUDIO_WINDOW_S)
-        toks = np.asarray(self._audio(self.params, feats))  # [W, P, E], time-major
-        freq = c.num_mel_bins // c.patch_size
-        per_win, seconds_per_patch = fbank.beats_step_seconds(feats.shape[1], c.patch_size,
-                                                              AUDIO_WINDOW_S)
-        track = toks[:, :per_win * freq].reshape(1, feats.shape[0] * per_win, freq, -1)
-        start, count = fbank.tdc_frame_audio_steps(stamps, track.shape[1], seconds_per_patch)
-        # The training step's pooling (each frame's steps average-pooled to 50 tokens).
-        return np.asarray(tdc.pool_frame_audio(jnp.asarray(track), start[None], count[None]))[0]
+        feats, frames = fbank.tdc_window_fbanks(wave, sample_rate=SAMPLE_RATE,
+                                                window_s=AUDIO_WINDOW_S)
+        w = len(frames)
+        seconds = min(int(np.ceil(duration - 1e-6)), AUDIO_WINDOW_S * w)
+        sec_start, sec_count = (np.zeros((AUDIO_WINDOW_S * w,), np.int32) for _ in range(2))
+        start, count = fbank.tdc_second_tokens((frames // c.patch_size) * c.mel_patches,
+                                               c.num_tokens(feats.shape[1]), seconds,
+                                               window_s=AUDIO_WINDOW_S)
+        sec_start[:seconds], sec_count[:seconds] = start, count
+        f_start, f_count = fbank.tdc_frame_seconds(np.round(stamps).astype(np.int64), sec_count)
+        return np.asarray(self._audio(self.params, feats[None], frames[None], sec_start[None],
+                                      sec_count[None], f_start[None], f_count[None]))[0]
 
 
 def _splice(model: tdc.TDCModel, params, ids, video):

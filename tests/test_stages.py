@@ -228,15 +228,16 @@ def test_faithful_tdc_config():
     assert max(s1.input.length_buckets) == 8192 and s1.input.qformer_text_len == 0
 
     # Stage 3 (scripts/stage3): BEATs audio, LoRA r=128 / alpha 256 / dropout 0.05, LR 2e-5,
-    # batch 1 x 1 x 8, 192 frames: the audio of 192 s in 20 windows, 50 audio tokens on each
-    # static frame in the reserved slots.
+    # batch 1 x 1 x 8, 224 frames (uniform_sample's int(i * n / 224)): the audio of 224 s in
+    # 23 windows, 50 audio tokens on each static frame in the reserved slots.
     s3 = module.get_config("stage=3,size=full,model=tdc,bert_vocab=/b/vocab.txt")
     assert s3.model.beats.width == s3.model.compressor.audio_width == 768
     assert s3.model.beats.num_classes == 527  # BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2
     assert (s3.lora.rank, s3.lora.alpha, s3.lora.dropout) == (128, 256.0, 0.05)
     assert s3.lora.targets == lora.TDC_TARGETS
     assert (s3.optim.lr, s3.input.batch_size, s3.grad_accum_steps) == (2e-5, 8, 1)
-    assert s3.input.max_frames == 192 and s3.input.beats_windows == 20
+    assert s3.input.max_frames == 224 and s3.input.beats_windows == 23
+    assert s3.input.frame_subsample == "floor"
     assert s3.input.num_mel_bins == 0 and s3.input.beats_patch == 16
     assert s3.input.max_frame_context == c.input.max_frame_context == 8192  # // 38, // 32
     family = model_families.from_config(s3.model)

@@ -152,10 +152,8 @@ def tdc_windows(num_samples: int, *, sample_rate: int = 16000,
     `wav[16000 k : 16000 (k + 10)]` for `k in range(0, int(seconds), 10)`: whole seconds only,
     so a tail shorter than one second is dropped when it would start a new window (10.5 s ->
     one window of 10 s; 15.5 s -> [0, 10 s) and [10 s, 15.5 s)). Each window gets its own
-    `beats_fbank`, giving about 50 BEATs tokens per second (496 for 10 s). Note that TDC's
-    audio processor stores the waveform as float16 (`batch_collate`) before BEATs casts it back
-    to float32; round it the same way (`wav.astype(np.float16).astype(np.float32)`) to match
-    TDC's features bit for bit.
+    `beats_fbank`, giving about 50 BEATs tokens per second (496 for 10 s); see
+    `tdc_window_fbanks`.
 
     Returns:
       Windows in order; empty for audio shorter than one second.
@@ -165,22 +163,30 @@ def tdc_windows(num_samples: int, *, sample_rate: int = 16000,
             for k in range(0, seconds, window_s)]
 
 
-def tdc_fbank_windows(waveform: np.ndarray, *, sample_rate: int = 16000,
-                      window_s: int = 10) -> np.ndarray:
-    """BEATs fbank of a whole track in 10 s windows of equal length, as longvid_jax's TDC
-    encodes audio (`tdc_infer.TDCPredictor` and the training pipeline): the waveform is
-    zero-padded to a whole number of windows (at least one), each window gets its own
-    `beats_fbank`. Unlike the original's `tdc_windows` (whole seconds only, a shorter last
-    window) every window has the same `num_fbank_frames(window_s * sample_rate)` frames (998 at
-    16 kHz), so a batch of windows has a static shape; the padding is silence.
+TDC_TOKENS_PER_SECOND = 50  # BEATs tokens TDC gives each second of a window
+
+
+def tdc_window_fbanks(waveform: np.ndarray, *, sample_rate: int = 16000, window_s: int = 10,
+                      max_windows: int | None = None, max_frames: int | None = None
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """BEATs fbank of TDC's audio windows (`tdc_windows`), each zero-padded to one length.
+
+    As the original feeds BEATs: audio shorter than 1 s is first padded with silence to 1 s
+    (`AudioProcessor.load_audio_file`), and the waveform is rounded to float16 (its
+    `batch_collate` stores it so). Each window gets its own `beats_fbank`; the last one is
+    usually shorter. Its rows are padded with zeros to `max_frames`, and
+    `models.beats.token_valid(frames, ...)` masks the padding, so BEATs gives each window's real
+    tokens exactly as the shorter window alone (`models.beats.BEATs`' `valid`).
 
     Args:
       waveform: float[samples] mono in [-1, 1] at `sample_rate` (16 kHz for BEATs).
       sample_rate: Hz.
-      window_s: window length in seconds.
+      window_s: window length in seconds (10).
+      max_windows: keep at most this many windows (the rest is never computed).
+      max_frames: A, fbank rows per window (default that of a full window: 998 at 16 kHz).
 
     Returns:
-      float32[W, A, 128] with W = max(1, ceil(samples / (window_s * sample_rate))).
+      (fbank float32[W, A, 128], frames int32[W] real rows of each window), W >= 1.
 
     Raises:
       ValueError: if the waveform is not 1-D.
@@ -188,47 +194,83 @@ def tdc_fbank_windows(waveform: np.ndarray, *, sample_rate: int = 16000,
     waveform = np.asarray(waveform, dtype=np.float32)
     if waveform.ndim != 1:
         raise ValueError(f"waveform must be 1-D, got shape {waveform.shape}")
-    win = window_s * sample_rate
-    n_win = max(1, -(-len(waveform) // win))
-    padded = np.pad(waveform, (0, n_win * win - len(waveform)))
-    return beats_fbank(padded.reshape(n_win, win), sample_rate=sample_rate)
+    if len(waveform) < sample_rate:
+        waveform = np.pad(waveform, (0, sample_rate - len(waveform)))
+    waveform = waveform.astype(np.float16).astype(np.float32)
+    windows = tdc_windows(len(waveform), sample_rate=sample_rate, window_s=window_s)
+    windows = windows[:max_windows] if max_windows else windows
+    if max_frames is None:
+        max_frames = num_fbank_frames(window_s * sample_rate, sample_rate=sample_rate)
+    out = np.zeros((len(windows), max_frames, 128), np.float32)
+    frames = np.zeros((len(windows),), np.int32)
+    for i, (lo, hi) in enumerate(windows):
+        feats = beats_fbank(waveform[lo:hi], sample_rate=sample_rate)[:max_frames]
+        out[i, :len(feats)], frames[i] = feats, len(feats)
+    return out, frames
 
 
-def beats_step_seconds(fbank_frames: int, patch_size: int, window_s: int = 10
-                       ) -> tuple[int, float]:
-    """(BEATs time steps per window, seconds per time step) of `tdc_fbank_windows` windows of
-    `fbank_frames` frames: BEATs patches `patch_size` fbank frames per step (the remainder
-    dropped by its stride-16 convolution); a step lasts `window_s / (fbank_frames /
-    patch_size)` s (998 frames, 16: 62 steps of 0.1603 s), as `tdc_infer` has always counted."""
-    return fbank_frames // patch_size, window_s / (fbank_frames / patch_size)
+def tdc_second_tokens(window_tokens: np.ndarray, tokens_per_window: int, num_seconds: int, *,
+                      window_s: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """Each video second's BEATs tokens under TDC's rule (`cambrian_arch.py`,
+    `prepare_inputs_labels_for_multimodal`, the BEATs branch).
 
-
-def tdc_frame_audio_steps(times: np.ndarray, num_steps: int, seconds_per_step: float
-                          ) -> tuple[np.ndarray, np.ndarray]:
-    """The BEATs time steps each kept frame pools into its audio tokens (TDC's rule as read by
-    longvid_jax: `tdc_infer` and the training pipeline both use this).
-
-    Step t belongs to second `floor(t * seconds_per_step)`. Frame i (at `times[i]`) takes the
-    steps whose second lies in `[floor(times[i]), floor(times[i + 1]))`, i.e. its own second
-    and the seconds skipped before the next kept frame; at least its own second (two frames in
-    one second share it); the last frame takes everything from its second to the end of the
-    track. Seconds are monotone in t, so each frame's steps form one range.
+    Second `s` lies in window `w = s // 10` at index `i = s % 10` and takes that window's
+    tokens `[50 i, min(50 i + 50, n_w))` in their time-major order (flat 50-token slices, not
+    aligned to BEATs' 8-token time steps: a full 10 s window has 496 tokens, so its second 9
+    gets 46); none when the slice is empty (past the window's audio) or the window does not
+    exist. TDC pools a slice of fewer than 50 tokens up to 50 (`adaptive_avg_pool2d`), see
+    `models.tdc.tdc_frame_audio`.
 
     Args:
-      times: float[F] kept frame times in seconds, increasing.
-      num_steps: time steps of the whole track (windows x steps per window).
-      seconds_per_step: seconds per time step (`beats_step_seconds`).
+      window_tokens: int[W] real tokens of each window (`BEATsConfig.num_tokens(frames)`).
+      tokens_per_window: token slots of each window in the flat layout (window w's tokens
+        start at `w * tokens_per_window`).
+      num_seconds: S, the video's seconds (its 1-fps frames before any subsampling: the length
+        of the original's `sample_indices`); seconds past the audio get none.
 
     Returns:
-      (start int32[F], count int32[F]): frame i owns steps `[start, start + count)`; count 0
-      when the track ends before the frame's second.
+      (start int32[S], count int32[S]) into the flat token layout.
     """
-    second = np.floor(np.arange(num_steps) * seconds_per_step + 1e-9)
-    lo = np.floor(np.asarray(times, np.float64).reshape(-1))
-    hi = np.maximum(np.append(lo[1:], np.inf), lo + 1)
-    start = np.searchsorted(second, lo, side="left")
-    stop = np.searchsorted(second, hi, side="left")
-    return start.astype(np.int32), np.maximum(stop - start, 0).astype(np.int32)
+    window_tokens = np.asarray(window_tokens, np.int64).reshape(-1)
+    s = np.arange(num_seconds)
+    w, i = s // window_s, s % window_s
+    n = np.where(w < len(window_tokens), window_tokens[np.minimum(w, len(window_tokens) - 1)], 0)
+    lo = TDC_TOKENS_PER_SECOND * i
+    count = np.clip(np.minimum(lo + TDC_TOKENS_PER_SECOND, n) - lo, 0, None)
+    start = np.where(count > 0, w * tokens_per_window + lo, 0)
+    return start.astype(np.int32), count.astype(np.int32)
+
+
+def tdc_frame_seconds(frame_seconds: np.ndarray, second_count: np.ndarray
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """The seconds whose audio each kept frame pools (TDC's `sample_indices` loop), as a range
+    of the per-second token blocks (50 per second, `tdc_second_tokens` pooled to 50 each).
+
+    Frame i (at 1-fps index `frame_seconds[i]`) takes its own second and the seconds skipped
+    after it, up to the next kept frame's second (the last frame: to the end of the audio);
+    seconds without tokens add nothing, and a frame whose second has none gets none (the
+    original pads the missing frames' audio with zeros).
+
+    Args:
+      frame_seconds: int[F] strictly increasing 1-fps indices of the kept frames.
+      second_count: int[S] tokens of each second (`tdc_second_tokens`); the seconds with tokens
+        form a prefix (audio stops, it does not pause).
+
+    Returns:
+      (start int32[F], count int32[F]) in per-second block tokens: frame i pools blocks
+      `[start / 50, (start + count) / 50)`.
+
+    Raises:
+      ValueError: if the frame seconds are not strictly increasing.
+    """
+    j = np.asarray(frame_seconds, np.int64).reshape(-1)
+    if np.any(np.diff(j) <= 0):
+        raise ValueError(f"frame seconds must be strictly increasing, got {j.tolist()}")
+    audible = int(np.count_nonzero(np.asarray(second_count) > 0))
+    lo = np.minimum(j, audible)
+    hi = np.minimum(np.append(j[1:], audible), audible)
+    per = TDC_TOKENS_PER_SECOND
+    return (per * lo).astype(np.int32), (per * np.maximum(hi - lo, 0)).astype(np.int32)
 
 
 def longvale_chunks(fbank: np.ndarray, *, frame_length: int = 512,

@@ -64,9 +64,9 @@ class DecodeExample(grain.transforms.Map):
       with `cfg.tower_views`: one float32[F, S_v, S_v, 3] per view (padding frames 0) and
         image_sizes int32[2], the decoded frames' (height, width);
       with `cfg.beats_windows` W > 0: audio_fbank float32[W, Af, 128] (the track's 10 s BEATs
-        fbank windows, then zeros), audio_window_mask bool[W], audio_frame_start /
-        audio_frame_count int32[F] (each frame's BEATs time steps; 0 on padding frames), see
-        `pipeline.PipelineConfig.beats_windows`.
+        fbank windows, then zeros), audio_window_frames int32[W], audio_second_start /
+        audio_second_count int32[10 W], audio_frame_start / audio_frame_count int32[F] (0 on
+        padding frames), audio_present bool, see `pipeline.PipelineConfig.beats_windows`.
     A record that fails (`VideoDecodeError`, `AnnotationError`, any ValueError while
     tokenizing) becomes `{ERROR_KEY: message, "video", "index"}` for the batcher to skip.
 
@@ -99,7 +99,8 @@ class DecodeExample(grain.transforms.Map):
             largest = max([side] + [v[1] for v in cfg.tower_views])
             clip = decode.load_video(record["video"], fps=cfg.fps, max_frames=num_max,
                                      size=largest, pad_to_square=False,
-                                     num_threads=cfg.decode_threads)
+                                     num_threads=cfg.decode_threads,
+                                     subsample=cfg.frame_subsample)
             clip = self._max_frame_rule(record, clip, tok)
             n = clip.frames.shape[0]
             for key, v_side, v_mean, v_std in ((("frames", side, cfg.image_mean, cfg.image_std),)
@@ -112,7 +113,7 @@ class DecodeExample(grain.transforms.Map):
             clip = decode.load_video(
                 record["video"], fps=cfg.fps, max_frames=num_max, size=side,
                 pad_to_square=True, fill=tuple(int(m * 255) for m in cfg.image_mean),
-                num_threads=cfg.decode_threads,
+                num_threads=cfg.decode_threads, subsample=cfg.frame_subsample,
             )
             clip = self._max_frame_rule(record, clip, tok)
             n = clip.frames.shape[0]
@@ -191,28 +192,47 @@ class DecodeExample(grain.transforms.Map):
     def _beats_audio(self, path: str | None, clip: decode.VideoClip, what: str
                      ) -> dict[str, np.ndarray]:
         """TDC's audio of one record (`path`: the record's sound file or video; None: it has
-        none): BEATs fbank windows and each frame's time steps."""
+        none): BEATs fbank windows, each second's tokens and each kept frame's seconds
+        (`fbank.tdc_window_fbanks`, `tdc_second_tokens`, `tdc_frame_seconds`). Without audio
+        (no path, or a video without a track) `audio_present` is False and everything else
+        zero: the model adds no audio tokens, as the original does for a sample whose audio
+        is None."""
         cfg = self.cfg
-        wave = decode.load_audio(path, sample_rate=cfg.sample_rate) if path is not None else None
-        if wave is None:  # no audio (track): silence of the clip's length
-            wave = np.zeros((int(round(clip.duration * cfg.sample_rate)),), np.float32)
+        w_max, f_max = cfg.beats_windows, cfg.max_frames
+        frames_per_window = fbank.num_fbank_frames(10 * cfg.sample_rate,
+                                                   sample_rate=cfg.sample_rate)
+        per_window = (frames_per_window // cfg.beats_patch) * (128 // cfg.beats_patch)
+        out = {"audio_fbank": np.zeros((w_max, frames_per_window, 128), np.float32),
+               "audio_window_frames": np.zeros((w_max,), np.int32),
+               "audio_second_start": np.zeros((10 * w_max,), np.int32),
+               "audio_second_count": np.zeros((10 * w_max,), np.int32),
+               "audio_frame_start": np.zeros((f_max,), np.int32),
+               "audio_frame_count": np.zeros((f_max,), np.int32),
+               "audio_present": np.bool_(False)}
+        wave = (decode.load_audio(path, sample_rate=cfg.sample_rate, mix="first")
+                if path is not None else None)
+        if wave is None:
+            return out
         # Only the first W windows are kept: the fbank of the rest is never computed.
-        feats = fbank.tdc_fbank_windows(wave[:cfg.beats_windows * 10 * cfg.sample_rate],
-                                        sample_rate=cfg.sample_rate)
-        w = feats.shape[0]
+        feats, frames = fbank.tdc_window_fbanks(wave, sample_rate=cfg.sample_rate,
+                                                max_windows=w_max)
+        w = len(frames)
         if len(wave) > (10 * w + 1) * cfg.sample_rate:  # a cut beyond a sub-second tail
             logging.warning("%s: audio of %.1f s cut to its first %d s (input.beats_windows=%d)",
                             what, len(wave) / cfg.sample_rate, 10 * w, w)
-        out = np.zeros((cfg.beats_windows,) + feats.shape[1:], np.float32)
-        out[:w] = feats
-        steps, seconds = fbank.beats_step_seconds(feats.shape[1], cfg.beats_patch)
-        start, count = fbank.tdc_frame_audio_steps(clip.timestamps, w * steps, seconds)
-        n = len(clip.timestamps)
-        starts = np.zeros((cfg.max_frames,), np.int32)
-        counts = np.zeros((cfg.max_frames,), np.int32)
-        starts[:n], counts[:n] = start, count
-        return {"audio_fbank": out, "audio_window_mask": np.arange(cfg.beats_windows) < w,
-                "audio_frame_start": starts, "audio_frame_count": counts}
+        out["audio_fbank"][:w], out["audio_window_frames"][:w] = feats, frames
+        # The video's 1-fps frames (the original's `sample_indices`) and the kept ones' indices.
+        seconds = int(np.ceil(clip.duration * cfg.fps - 1e-6))
+        tokens = (frames // cfg.beats_patch) * (128 // cfg.beats_patch)
+        start, count = fbank.tdc_second_tokens(tokens, per_window, min(seconds, 10 * w_max))
+        out["audio_second_start"][:len(start)], out["audio_second_count"][:len(count)] = (
+            start, count)
+        kept = np.round(np.asarray(clip.timestamps, np.float64) * cfg.fps).astype(np.int64)
+        start, count = fbank.tdc_frame_seconds(kept, out["audio_second_count"])
+        n = len(kept)
+        out["audio_frame_start"][:n], out["audio_frame_count"][:n] = start, count
+        out["audio_present"] = np.bool_(True)
+        return out
 
 
 def pad_id(tok) -> int:

@@ -491,7 +491,8 @@ def mean_pool(features: Float[Array, "B P D"], valid: Bool[Array, "B P"] | None 
     return jnp.sum(features * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1)
 
 
-def token_valid(num_frames: np.ndarray, max_frames: int, config: BEATsConfig) -> np.ndarray:
+def token_valid(num_frames: np.ndarray | jax.Array, max_frames: int, config: BEATsConfig
+                ) -> np.ndarray | jax.Array:
     """Valid-token mask of a batch of fbanks padded at the end to `max_frames` frames.
 
     A token is valid when its 16-frame time patch lies inside the clip's own frames, so the
@@ -500,13 +501,15 @@ def token_valid(num_frames: np.ndarray, max_frames: int, config: BEATsConfig) ->
     tokens, as if tokens were frequency-major); TDC and LongVALE never pad, so it never acts.
 
     Args:
-      num_frames: int[B], real fbank frames per clip.
+      num_frames: int[B], real fbank frames per clip (NumPy on the host, or a JAX array
+        in-graph; the result is of the same kind).
       max_frames: A of the padded batch.
 
     Returns:
       bool[B, P], P = `config.num_tokens(max_frames)`.
     """
+    xp = jnp if isinstance(num_frames, jax.Array) else np
     ps = config.patch_size
-    t = np.arange(max_frames // ps)
-    real = t[None, :] < (np.asarray(num_frames)[:, None] // ps)  # [B, A // ps]
-    return np.repeat(real, config.mel_patches, axis=1)
+    t = xp.arange(max_frames // ps)
+    real = t[None, :] < (xp.asarray(num_frames)[:, None] // ps)  # [B, A // ps]
+    return xp.repeat(real, config.mel_patches, axis=1)

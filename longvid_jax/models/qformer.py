@@ -511,6 +511,7 @@ class TDCCompressor(nn.Module):
         segment_starts: Bool[Array, "B F"] | None = None,
         max_tokens: int | None = None,
         frame_token_counts: Int[Array, " B"] | None = None,
+        audio_present: Bool[Array, " B"] | None = None,
     ) -> tuple[Float[Array, "B N D"], Bool[Array, "B N"], dict[str, jax.Array]]:
         """Compresses the frames of each video into its TDC token sequence.
 
@@ -534,6 +535,10 @@ class TDCCompressor(nn.Module):
             count + A + 1 tokens, the query pooling averages the valid tokens only
             (`adaptive_avg_pool1d` over that length) and the Q-Former attends to the valid
             visual tokens and the audio. None = all P valid.
+          audio_present: bool[B], False for a video without audio: its static frames get no
+            audio tokens (count + 1) and its Q-Former attends to the visual tokens only, as
+            the original treats a sample whose audio is None; the audio_tokens of that row are
+            ignored. None = every row has audio (when audio_tokens are given).
 
         Returns:
           (tokens float[B, N, D] in `config.dtype`, token_mask bool[B, N], aux) with aux:
@@ -575,15 +580,22 @@ class TDCCompressor(nn.Module):
                 jnp.zeros((1, cfg.audio_width), dtype))
         s = kv.shape[2]  # P (+ A) tokens per frame
 
+        a_tok = s - p
+        if audio_present is None or a_tok == 0:
+            a_valid = jnp.full((b,), a_tok, jnp.int32)
+        else:
+            a_valid = jnp.where(jnp.asarray(audio_present, bool).reshape(b), a_tok, 0)
         if frame_token_counts is None:
             pool = jnp.asarray(adaptive_pool_matrix(p, k))
-            kv_mask = None
             counts = jnp.full((b,), p, jnp.int32)
         else:
             counts = jnp.asarray(frame_token_counts, jnp.int32).reshape(b)
             pool = adaptive_pool_weights(counts, p, k)  # [B, K, P]
+        kv_mask = None
+        if frame_token_counts is not None or (audio_present is not None and a_tok):
             kv_mask = jnp.concatenate([jnp.arange(p)[None] < counts[:, None],
-                                       jnp.ones((b, s - p), bool)], axis=1)  # [B, S]
+                                       jnp.arange(a_tok)[None] < a_valid[:, None]],
+                                      axis=1)  # [B, S]
         pool_eq = "BFPD,QP->BFQD" if pool.ndim == 2 else "BFPD,BQP->BFQD"
         frame_idx = np.arange(f)
         if segment_starts is None:
@@ -634,9 +646,8 @@ class TDCCompressor(nn.Module):
 
         # Layout: frame f owns `len_f` consecutive slots (S + 1 static, K + 1 other, 0 invalid);
         # output slot n is gathered from the frame whose slot range contains it.
-        a_tok = s - p
         n_out = (num_video_tokens(f, p, a_tok, cfg) if max_tokens is None else max_tokens)
-        s_valid = (counts + a_tok)[:, None]  # [B, 1] valid static tokens (visual + audio)
+        s_valid = (counts + a_valid)[:, None]  # [B, 1] valid static tokens (visual + audio)
         lens = jnp.where(frame_mask, jnp.where(is_static, s_valid + 1, k + 1), 0).astype(jnp.int32)
         ends = jnp.cumsum(lens, axis=1)
         total = ends[:, -1]

@@ -226,15 +226,13 @@ def overflow_keep(token_mask: Bool[Array, "B N"], token_frame: Int[Array, "B N"]
 def pool_frame_audio(tokens: Float[Array, "B A R E"], start: Int[Array, "B F"],
                      count: Int[Array, "B F"], *, step_mask: Bool[Array, "B A"] | None = None,
                      num_out: int = AUDIO_TOKENS_PER_FRAME) -> Float[Array, "B F Q E"]:
-    """Each frame's audio tokens, in-graph (the training step and `tdc_infer` both pool so).
-    ORIGINALS.md gives TDC's rule as 50 tokens per second with skipped seconds pooled into the
-    kept frame; the exact pooling inside a second is longvid_jax's reading of it.
+    """Ranges of tokens average-pooled to `num_out` each, in-graph (`tdc_frame_audio` runs it
+    twice: per second, then per frame).
 
-    Frame f of row b owns the BEATs time steps `[start, start + count)`
-    (`input.fbank.tdc_frame_audio_steps`, computed on the host); their `count * R` tokens
-    (time-major, all R frequency patches of a step in order) are average-pooled to `num_out`
-    (`adaptive_avg_pool1d`: output j averages tokens `[floor(j n / Q), ceil((j + 1) n / Q))` of
-    the frame's n); a frame with count 0 gets zeros. Static shapes, no host loop: one
+    Group f of row b owns the steps `[start, start + count)` (computed on the host); their
+    `count * R` tokens (step-major, the R tokens of a step in order) are average-pooled to
+    `num_out` (`adaptive_avg_pool1d`: output j averages tokens `[floor(j n / Q),
+    ceil((j + 1) n / Q))` of the group's n); a group with count 0 gets zeros. Static shapes, no host loop: one
     cumulative sum over the row's flattened tokens, and each output is a difference of two of
     its entries divided by the bin's size. The tokens are centred first (minus their mean over
     `step_mask`'s steps; the mean is added back), which keeps the float32 prefix sums small:
@@ -242,11 +240,11 @@ def pool_frame_audio(tokens: Float[Array, "B A R E"], start: Int[Array, "B F"],
     lose precision in the differences.
 
     Args:
-      tokens: float[B, A, R, E] BEATs tokens of each row's whole track (A time steps: the
-        windows one after another; R, a local letter, frequency patches: 8 for 128 mel bins).
-      start, count: int32[B, F] each frame's steps (count 0: no audio; padding frames too).
-      step_mask: bool[B, A] steps that hold the track (for the centring only; None: all).
-      num_out: Q, tokens per frame (TDC: 50).
+      tokens: float[B, A, R, E] tokens in A steps of R (R, a local letter: 1 for single
+        tokens).
+      start, count: int32[B, F] each group's steps (count 0: none; padding groups too).
+      step_mask: bool[B, A] steps that hold data (for the centring only; None: all).
+      num_out: Q, tokens per group (TDC: 50).
 
     Returns:
       float32[B, F, Q, E].
@@ -270,6 +268,39 @@ def pool_frame_audio(tokens: Float[Array, "B A R E"], start: Int[Array, "B F"],
 
     mean = (at(hi) - at(lo)) / jnp.maximum(hi - lo, 1).reshape(b, f * num_out, 1) + center
     return jnp.where(n[..., None] > 0, mean.reshape(b, f, num_out, e), 0.0)
+
+
+def tdc_frame_audio(tokens: Float[Array, "B N E"], token_valid: Bool[Array, "B N"],
+                    second_start: Int[Array, "B S"], second_count: Int[Array, "B S"],
+                    frame_start: Int[Array, "B F"], frame_count: Int[Array, "B F"]
+                    ) -> Float[Array, "B F Q E"]:
+    """Each kept frame's 50 audio tokens from a track's BEATs tokens, as TDC computes them
+    (`cambrian_arch.py`, `prepare_inputs_labels_for_multimodal`, the BEATs branch), in-graph.
+
+    TDC slices each second's tokens out of its 10 s window (50 per second;
+    `input.fbank.tdc_second_tokens`) and pools a slice of fewer than 50 up to 50
+    (`adaptive_avg_pool2d` to (50, 768)); a kept frame's audio is the concatenation of its own
+    second's 50 and those of the skipped seconds after it (`input.fbank.tdc_frame_seconds`),
+    pooled to 50 the same way (one second: unchanged). Both stages are `pool_frame_audio`.
+
+    Args:
+      tokens: float[B, N, E] BEATs tokens of each row's windows, window after window (window w
+        at `w * tokens_per_window`, time-major inside), padding anywhere `token_valid` is False.
+      token_valid: bool[B, N] the real tokens (for the centring of the prefix sums only).
+      second_start, second_count: int32[B, S] each second's tokens (`tdc_second_tokens`).
+      frame_start, frame_count: int32[B, F] each frame's range over the per-second blocks
+        (`tdc_frame_seconds`, in block tokens: 50 per second).
+
+    Returns:
+      float32[B, F, 50, E]; zeros for frames without audio.
+    """
+    b, n, e = tokens.shape
+    per_second = pool_frame_audio(tokens[:, :, None], second_start, second_count,
+                                  step_mask=token_valid)  # [B, S, 50, E]
+    s = per_second.shape[1]
+    blocks = per_second.reshape(b, s * AUDIO_TOKENS_PER_FRAME, 1, e)
+    block_mask = jnp.repeat(second_count > 0, AUDIO_TOKENS_PER_FRAME, axis=1)
+    return pool_frame_audio(blocks, frame_start, frame_count, step_mask=block_mask)
 
 
 class TDCModel(nn.Module):
@@ -343,6 +374,7 @@ class TDCModel(nn.Module):
                  text_ids: Int[Array, "B T"] | None = None,
                  text_mask: Bool[Array, "B T"] | None = None,
                  max_tokens: int | None = None,
+                 audio_present: Bool[Array, " B"] | None = None,
                  ) -> tuple[Float[Array, "B N D"], Bool[Array, "B N"], dict[str, jax.Array]]:
         """Video tokens of B videos (`TDCCompressor` with each video's frame token count).
 
@@ -355,6 +387,7 @@ class TDCModel(nn.Module):
           audio_tokens: float[B, F, A, Ea] BEATs tokens per frame, or None.
           text_ids, text_mask: the instruction in BERT ids for the Q-Former.
           max_tokens: static output size (see `TDCCompressor`).
+          audio_present: bool[B], False for videos without audio (no audio tokens), or None.
 
         Returns:
           (tokens [B, N, D], valid mask [B, N] (a prefix), aux of the compressor).
@@ -362,7 +395,7 @@ class TDCModel(nn.Module):
         return self.compressor(frame_tokens, frame_mask, audio_tokens=audio_tokens,
                                text_ids=text_ids, text_mask=text_mask,
                                segment_starts=segment_starts, max_tokens=max_tokens,
-                               frame_token_counts=frame_counts)
+                               frame_token_counts=frame_counts, audio_present=audio_present)
 
     def __call__(self, input_ids: Int[Array, "B T"], positions: Int[Array, "B T"],
                  segment_ids: Int[Array, "B T"] | None, video_tokens: Float[Array, "B N D"],
@@ -390,10 +423,12 @@ class TDCModel(nn.Module):
             `frame_mask` bool[B, F] (a prefix; at most `scene_split.MAX_FRAMES` frames),
             optional `image_sizes` int32[B, 2] (each video's (height, width) before
             `expand2square`), audio as `audio_tokens` float[B, F, A, Ea] (BEATs tokens per
-            frame) or as the pipeline's `audio_fbank` float[B, W, Af, C] (10 s BEATs fbank
-            windows), `audio_window_mask` bool[B, W], `audio_frame_start` /
-            `audio_frame_count` int32[B, F] (run through the frozen BEATs and pooled per frame
-            in-graph: `frame_audio`),
+            frame) or as the pipeline's `audio_fbank` float[B, W, Af, C] (TDC's 10 s BEATs
+            fbank windows), `audio_window_frames` int32[B, W], `audio_second_start` /
+            `audio_second_count` int32[B, S], `audio_frame_start` / `audio_frame_count`
+            int32[B, F] (run through the frozen BEATs and pooled per frame in-graph:
+            `frame_audio`), with `audio_present` bool[B] (False: the row has no audio and
+            gets no audio tokens, as in the original),
             `qformer_text_ids` / `qformer_text_mask` [B, Tq] (the instruction in BERT ids),
             and the prompt `input_ids`, `positions`, `segment_ids` int32[B, T], `loss_mask`
             bool[B, T], whose `VIDEO_TOKEN_INDEX` slots (one run per row) number at least
@@ -459,7 +494,8 @@ class TDCModel(nn.Module):
                                             max_num_segments=c.max_num_segments)
         audio = batch.get("audio_tokens")
         if audio is None and "audio_fbank" in batch:
-            audio = self.frame_audio(batch["audio_fbank"], batch["audio_window_mask"],
+            audio = self.frame_audio(batch["audio_fbank"], batch["audio_window_frames"],
+                                     batch["audio_second_start"], batch["audio_second_count"],
                                      batch["audio_frame_start"], batch["audio_frame_count"])
         a = 0 if audio is None else audio.shape[2]
         if max_tokens is None:
@@ -471,45 +507,50 @@ class TDCModel(nn.Module):
             batch["frame_mask"], segment_starts=starts, audio_tokens=audio,
             text_ids=batch.get("qformer_text_ids") if use_text else None,
             text_mask=batch.get("qformer_text_mask") if use_text else None,
-            max_tokens=max_tokens)
+            max_tokens=max_tokens,
+            audio_present=batch.get("audio_present") if audio is not None else None)
         keep = overflow_keep(vmask, caux["token_frame"], caux["frame_token_lengths"],
                              caux["is_static"], max_visual)
         return video, keep, starts
 
-    def frame_audio(self, fbank: Float[Array, "B W Af C"], window_mask: Bool[Array, "B W"],
-                    start: Int[Array, "B F"], count: Int[Array, "B F"],
+    def frame_audio(self, fbank: Float[Array, "B W Af C"], window_frames: Int[Array, "B W"],
+                    second_start: Int[Array, "B S"], second_count: Int[Array, "B S"],
+                    frame_start: Int[Array, "B F"], frame_count: Int[Array, "B F"],
                     ) -> Float[Array, "B F Q Ea"]:
-        """Per-frame audio tokens of a training batch: BEATs (frozen: its output is a constant
-        of the step) over every 10 s window, then `pool_frame_audio` with the frames' step
-        ranges, as `tdc_infer` (`TDCPredictor._track_tokens`) does per video.
+        """Per-frame audio tokens: BEATs (frozen: its output is a constant of the step) over
+        every 10 s window, each masked to its real fbank rows, then `tdc_frame_audio`. The
+        training step and `tdc_infer.TDCPredictor` both run this.
 
         Args:
-          fbank: float[B, W, Af, C] `input.fbank.tdc_fbank_windows` of each row's track,
-            padding windows after it (any values: no frame reads them).
-          window_mask: bool[B, W] the track's windows.
-          start, count: int32[B, F] BEATs time steps of each frame
-            (`input.fbank.tdc_frame_audio_steps` over the row's windows).
+          fbank: float[B, W, Af, C] `input.fbank.tdc_window_fbanks` of each row's track
+            (padding windows after it: any values).
+          window_frames: int32[B, W] real fbank rows of each window (0: padding window).
+          second_start, second_count: int32[B, S] `input.fbank.tdc_second_tokens` with
+            `tokens_per_window = beats.num_tokens(Af)`.
+          frame_start, frame_count: int32[B, F] `input.fbank.tdc_frame_seconds`.
 
         Returns:
           float32[B, F, 50, Ea].
         """
         b, w = fbank.shape[:2]
-        tokens = jax.lax.stop_gradient(self.encode_audio(fbank.reshape(b * w, *fbank.shape[2:])))
-        r = self.config.beats.mel_patches
-        steps = tokens.shape[1] // r  # per window
-        tokens = tokens.reshape(b, w * steps, r, tokens.shape[-1])
-        return pool_frame_audio(tokens, start, count,
-                                step_mask=jnp.repeat(window_mask, steps, axis=1))
+        valid = beats_lib.token_valid(window_frames.reshape(b * w), fbank.shape[2],
+                                      self.config.beats)
+        tokens = jax.lax.stop_gradient(
+            self.encode_audio(fbank.reshape(b * w, *fbank.shape[2:]), valid))
+        tokens = tokens.reshape(b, -1, tokens.shape[-1])
+        return tdc_frame_audio(tokens, valid.reshape(b, -1), second_start, second_count,
+                               frame_start, frame_count)
 
-    def encode_audio(self, fbank: Float[Array, "W A C"]) -> Float[Array, "W P Ea"]:
+    def encode_audio(self, fbank: Float[Array, "W A C"], valid: Bool[Array, "W P"] | None = None
+                     ) -> Float[Array, "W P Ea"]:
         """BEATs tokens of audio windows (TDC: 10 s windows of `input.fbank.beats_fbank`, about
-        50 tokens per second); raises ValueError on a model without audio.
+        50 tokens per second); `valid` masks padded fbank rows (`beats.token_valid`); raises
+        ValueError on a model without audio.
 
-        Assigning them to frames (TDC pools each second's tokens to 50 and attaches them to
-        that second's frame) is the caller's step."""
+        Assigning them to frames is `tdc_frame_audio` (see `frame_audio`)."""
         if self.config.beats is None:
             raise ValueError("this TDC config has no audio tower (beats=None)")
-        tokens, _ = self.beats(fbank)
+        tokens, _ = self.beats(fbank, valid)
         return tokens
 
 

@@ -251,59 +251,62 @@ def test_tower_views_and_wordpiece_qformer_text(tmp_path, media_dir, qwen2):
         pipeline.PipelineConfig(annotations="a", tower_views=[("x", 8, (0.5,), (0.5,))])
 
 
-def test_beats_audio_windows_and_frame_steps(tmp_path, media_dir, qwen2, monkeypatch):
-    """TDC's audio (`beats_windows` > 0): the track's 10 s BEATs fbank windows padded to W, and
-    each kept frame's BEATs time steps under `fbank.tdc_frame_audio_steps` (5 frames at 0, 2,
-    4, 6 and 8 s of an 8.3 s clip: each skipped second goes to the frame before it, the last
-    frame takes the rest); a clip without a sound track gets silence of its duration."""
+def test_beats_audio_windows_seconds_and_frames(tmp_path, media_dir, qwen2, monkeypatch):
+    """TDC's audio (`beats_windows` > 0): the track's 10 s BEATs fbank windows padded to W
+    (`fbank.tdc_window_fbanks`: an 8.3 s track is one window of 830 real rows), each second's
+    tokens (`tdc_second_tokens`), each kept frame's seconds (`tdc_frame_seconds`: 5 frames at
+    0, 2, 4, 6 and 8 s of the 9 one-fps frames of an 8.3 s clip: each takes its skipped second,
+    the last its own); a clip without a sound track, or a record whose "audio" is None, has
+    no audio (`audio_present` False, all zero)."""
     from longvid_jax.input import fbank
 
     remux_without_audio(media_dir / "movie-hello.mp4", tmp_path / "silent.mp4")
     cfg = pipeline.PipelineConfig(annotations="unused.json", max_frames=5, image_size=32,
                                   num_mel_bins=0, length_buckets=(128,), beats_windows=2)
     decoder = DecodeExample(cfg=cfg, num_video_tokens=video_tokens)
-    for name in ("movie-hello.mp4", "silent"):
-        path = str(media_dir / name) if name.endswith(".mp4") else str(tmp_path / "silent.mp4")
-        ex = decoder.map({"video": path, "conversations": CONVS[0], "_index": 0,
-                          "_source": "inline"})
-        assert "_failed" not in ex, ex
-        clip = decode.load_video(path, fps=1.0, max_frames=5, size=32)
-        wave = decode.load_audio(path)
-        if wave is None:
-            wave = np.zeros(int(round(clip.duration * 16000)), np.float32)
-        want = fbank.tdc_fbank_windows(wave)
-        assert want.shape == (1, 998, 128) and ex["audio_fbank"].shape == (2, 998, 128)
-        np.testing.assert_array_equal(ex["audio_fbank"][0], want[0])
-        assert not ex["audio_fbank"][1].any()
-        assert ex["audio_window_mask"].tolist() == [True, False]
-        steps, seconds = fbank.beats_step_seconds(998, 16)
-        start, count = fbank.tdc_frame_audio_steps(clip.timestamps, steps, seconds)
-        assert np.round(clip.timestamps).tolist() == [0, 2, 4, 6, 8]
-        assert ex["audio_frame_start"].tolist() == start.tolist()
-        assert ex["audio_frame_count"].tolist() == count.tolist()
-        assert count.sum() == steps and count[-1] == steps - start[-1]  # the last: to the end
-        assert 12 <= count[0] <= 13  # seconds 0 and 1 (1 skipped)
+    path = str(media_dir / "movie-hello.mp4")
+    ex = decoder.map({"video": path, "conversations": CONVS[0], "_index": 0,
+                      "_source": "inline"})
+    assert "_failed" not in ex, ex
+    clip = decode.load_video(path, fps=1.0, max_frames=5, size=32)
+    want, frames = fbank.tdc_window_fbanks(decode.load_audio(path, mix="first"))
+    assert want.shape == (1, 998, 128) and frames.tolist() == [830]
+    assert ex["audio_fbank"].shape == (2, 998, 128)
+    np.testing.assert_array_equal(ex["audio_fbank"][0], want[0])
+    assert not ex["audio_fbank"][1].any() and not ex["audio_fbank"][0, 830:].any()
+    assert ex["audio_window_frames"].tolist() == [830, 0] and ex["audio_present"]
+    # 830 rows -> 51 time patches x 8 = 408 tokens: seconds 0-7 get 50, second 8 gets 8.
+    assert ex["audio_second_count"].tolist() == [50] * 8 + [8] + [0] * 11
+    assert ex["audio_second_start"][:9].tolist() == list(range(0, 450, 50))
+    assert np.round(clip.timestamps).tolist() == [0, 2, 4, 6, 8]
+    assert ex["audio_frame_start"].tolist() == [0, 100, 200, 300, 400]
+    assert ex["audio_frame_count"].tolist() == [100, 100, 100, 100, 50]
 
     # A record's own "audio" file (TDC stage 3) replaces the video's track; "audio": None
-    # (the original's no-audio values) gives silence.
-    video = str(media_dir / "movie-hello.mp4")
+    # (the original's no-audio values) and a video without a track give no audio.
     other = str(media_dir / "cockatoo.mp4")  # 14 s of another clip's sound: 2 windows
-    silent = fbank.tdc_fbank_windows(np.zeros(int(round(8.3 * 16000)), np.float32))
-    for audio_key, want in ((other, fbank.tdc_fbank_windows(decode.load_audio(other))),
-                            (None, silent)):
-        ex = decoder.map({"video": video, "audio": audio_key, "conversations": CONVS[0],
-                          "_index": 0, "_source": "inline"})
+    ex = decoder.map({"video": path, "audio": other, "conversations": CONVS[0],
+                      "_index": 0, "_source": "inline"})
+    want, frames = fbank.tdc_window_fbanks(decode.load_audio(other, mix="first"))
+    assert ex["audio_window_frames"].tolist() == frames.tolist() and frames[0] == 998
+    np.testing.assert_array_equal(ex["audio_fbank"], want)
+    assert ex["audio_second_count"][:9].tolist() == [50] * 9  # the video's 9 seconds only
+    assert not ex["audio_second_count"][9:].any()
+    for record in ({"video": path, "audio": None}, {"video": str(tmp_path / "silent.mp4")}):
+        ex = decoder.map({**record, "conversations": CONVS[0], "_index": 0,
+                          "_source": "inline"})
         assert "_failed" not in ex, ex
-        w = len(want)
-        assert ex["audio_window_mask"].tolist() == [True] * w + [False] * (2 - w)
-        np.testing.assert_array_equal(ex["audio_fbank"][:w], want)
+        assert not ex["audio_present"] and not ex["audio_fbank"].any()
+        assert not ex["audio_frame_count"].any() and not ex["audio_window_frames"].any()
     # A track longer than the windows is cut: its first window as the whole track's.
     one = DecodeExample(cfg=dataclasses.replace(cfg, beats_windows=1),
                         num_video_tokens=video_tokens).map(
         {"video": other, "conversations": CONVS[0], "_index": 0, "_source": "inline"})
-    assert one["audio_window_mask"].tolist() == [True]
+    assert one["audio_window_frames"].tolist() == [998]
     np.testing.assert_array_equal(one["audio_fbank"],
-                                  fbank.tdc_fbank_windows(decode.load_audio(other))[:1])
+                                  fbank.tdc_window_fbanks(decode.load_audio(other, mix="first"))[0][:1])
+    with pytest.raises(ValueError, match="fps"):
+        dataclasses.replace(cfg, fps=2.0)
 
     def corrupt(path, **_):
         raise decode.VideoDecodeError(path, "corrupt audio stream (test)")
