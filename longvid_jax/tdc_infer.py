@@ -59,7 +59,9 @@ class TDCPredictor:
       tokenizer: the LLM's tokenizer (Qwen2 / Llama-3.2, with `<|im_start|>` etc.).
       bert_tokenizer: the Q-Former's BERT WordPiece tokenizer (bert-base-uncased
         `vocab.txt`); required when the compressor reads the instruction (`text_input`).
-      max_frames: frames decoded at most (TDC's evaluation: 1000).
+      max_frames: frames decoded at most (TDC's evaluation: 1000; above it the eval scripts
+        keep every (n // 1000)-th 1-fps frame, here a rounded linspace picks 1000. Either way
+        the max-frame rule then keeps at most 224 of them, by `int(i * n / keep)`).
       encode_chunk: frames per tower / connector call.
       log: where stage times and progress go (None: silent).
     """
