@@ -244,11 +244,16 @@ def generate_answer(llm_params: Any, llm_cfg: decoder.DecoderConfig, embeds: jax
     (whole characters only) and a newline at the end.
 
     The prompt is right-padded to a multiple of `PROMPT_BUCKET` tokens so that prompts of
-    similar lengths share the prefill and decode compilations.
+    similar lengths share the prefill and decode compilations. A config's `attention_impl`
+    "xla" (the `DecoderConfig` default, what converted checkpoints carry) becomes "auto" for the
+    prefill, so a long prompt runs a flash kernel on GPU / TPU instead of materialising its
+    [T, T] scores (on CPU "auto" is "xla").
 
     Returns:
       (answer text without special tokens, the `generate.GenerationResult`).
     """
+    if llm_cfg.attention_impl == "xla":
+        llm_cfg = dataclasses.replace(llm_cfg, attention_impl="auto")
     prompt_len = embeds.shape[1]
     ids: list[int] = []
     shown = [""]

@@ -41,3 +41,8 @@ def test_longest_sequence_benchmark_smoke():
     stdout = _smoke("longest_sequence.py", "--context=2", timeout=600)
     assert "ours: longest trained sequence 128 tokens" in stdout, stdout
     assert "torch: longest trained sequence 128 tokens" in stdout, stdout
+
+
+def test_tdc_full_size_benchmark_smoke():
+    stdout = _smoke("tdc_full_size.py")
+    assert "seconds per stage: encode" in stdout and "prefill" in stdout, stdout
