@@ -241,7 +241,7 @@ class TDCPredictor:
                                                c.num_tokens(feats.shape[1]), seconds,
                                                window_s=AUDIO_WINDOW_S)
         sec_start[:seconds], sec_count[:seconds] = start, count
-        f_start, f_count = fbank.tdc_frame_seconds(np.round(stamps).astype(np.int64), sec_count)
+        f_start, f_count = fbank.tdc_frame_seconds(fbank.kept_frame_seconds(stamps), sec_count)
         return np.asarray(self._audio(self.params, feats[None], frames[None], sec_start[None],
                                       sec_count[None], f_start[None], f_count[None]))[0]
 

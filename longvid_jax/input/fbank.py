@@ -241,6 +241,22 @@ def tdc_second_tokens(window_tokens: np.ndarray, tokens_per_window: int, num_sec
     return start.astype(np.int32), count.astype(np.int32)
 
 
+def kept_frame_seconds(timestamps: np.ndarray, fps: float = 1.0) -> np.ndarray:
+    """The kept frames' indices among the video's frames at `fps` (TDC's `sample_indices`
+    positions; seconds at 1 fps): `round(t * fps)`, made strictly increasing (a video whose
+    native rate is below `fps` gives one decoded frame, and time, to several candidates).
+
+    Args:
+      timestamps: float[F] the kept frames' times in seconds, non-decreasing.
+
+    Returns:
+      int64[F] strictly increasing.
+    """
+    r = np.round(np.asarray(timestamps, np.float64).reshape(-1) * fps).astype(np.int64)
+    i = np.arange(len(r))
+    return i + np.maximum.accumulate(r - i) if len(r) else r
+
+
 def tdc_frame_seconds(frame_seconds: np.ndarray, second_count: np.ndarray
                       ) -> tuple[np.ndarray, np.ndarray]:
     """The seconds whose audio each kept frame pools (TDC's `sample_indices` loop), as a range

@@ -227,7 +227,7 @@ class DecodeExample(grain.transforms.Map):
         start, count = fbank.tdc_second_tokens(tokens, per_window, min(seconds, 10 * w_max))
         out["audio_second_start"][:len(start)], out["audio_second_count"][:len(count)] = (
             start, count)
-        kept = np.round(np.asarray(clip.timestamps, np.float64) * cfg.fps).astype(np.int64)
+        kept = fbank.kept_frame_seconds(clip.timestamps, cfg.fps)
         start, count = fbank.tdc_frame_seconds(kept, out["audio_second_count"])
         n = len(kept)
         out["audio_frame_start"][:n], out["audio_frame_count"][:n] = start, count

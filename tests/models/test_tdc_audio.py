@@ -102,6 +102,10 @@ def test_second_and_frame_ranges():
     assert fbank.tdc_second_tokens(np.array([496]), 496, 12)[1].tolist()[-2:] == [0, 0]
     fs, fc = fbank.tdc_frame_seconds(np.array([0, 2, 3, 11, 13]), count)
     assert fs.tolist() == [0, 100, 150, 550, 650] and fc.tolist() == [100, 50, 400, 100, 0]
+    assert fbank.kept_frame_seconds(np.array([0.0, 2.002, 3.9, 11.0])).tolist() == [0, 2, 4, 11]
+    # A 0.5 fps video: one decoded frame (time) serves two 1-fps candidates.
+    assert fbank.kept_frame_seconds(np.array([0.0, 0.0, 2.0, 2.0, 4.0])).tolist() == [0, 1, 2,
+                                                                                    3, 4]
     try:
         fbank.tdc_frame_seconds(np.array([0, 2, 2]), count)
     except ValueError as err:
