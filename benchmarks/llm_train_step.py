@@ -2,7 +2,7 @@
 
     python benchmarks/llm_train_step.py [--variant=qwen2_0_5b] [--seq=8192] [--batch=1]
         [--attention=cudnn] [--remat=dots] [--loss_chunk=0] [--logits_dtype=float32]
-        [--unfused_qkv] [--steps=10] [--skip_torch] [--smoke]
+        [--unfused_qkv] [--loss_impl=auto] [--steps=10] [--skip_torch] [--no_xla_defaults] [--smoke]
 
 One full AdamW step on random tokens (next-token loss over every position) for a Qwen2-0.5B-shaped
 model: ours (longvid_jax Decoder, bf16 compute, float32 master weights, nn.scan over layers,
@@ -12,10 +12,13 @@ gradient checkpointing, fused AdamW). Reports tokens/s, MFU and their ratio.
 MFU = model FLOPs / (time * peak): 6 * parameters per token (the tied embedding counted once, as
 the LM head) plus causal attention 6 * layers * heads * head_dim * T per token; the peak is the
 GPU's dense bf16 rate (H100 SXM 989 TFLOP/s, H200 the same). `--smoke` runs a tiny model on CPU.
+XLA_FLAGS gets the trainer's defaults (`longvid_jax.xla_flags`: matmuls on cuBLAS) unless
+`--no_xla_defaults`.
 """
 
 import argparse
 import functools
+import os
 import statistics
 import time
 
@@ -26,7 +29,7 @@ import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
 
-from longvid_jax import losses
+from longvid_jax import losses, xla_flags
 from longvid_jax.models import decoder
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12}
@@ -44,7 +47,7 @@ def cast_matrices(params, dtype):
 
 
 def ours(cfg, batch, seq, steps, loss_chunk=0, profile_dir=None, cast_params=False,
-         context=1, logits_dtype="float32"):
+         context=1, logits_dtype="float32", loss_impl="auto"):
     """Median step time, parameter count and final loss of our training step.
 
     `context > 1` spreads each sequence over that many devices (mesh ("data", "context"),
@@ -55,12 +58,13 @@ def ours(cfg, batch, seq, steps, loss_chunk=0, profile_dir=None, cast_params=Fal
         rules = (("act_batch", "data"), ("act_len", "context"))
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             return _ours(cfg, batch, seq, steps, loss_chunk, profile_dir, cast_params, mesh,
-                         logits_dtype)
+                         logits_dtype, loss_impl)
     return _ours(cfg, batch, seq, steps, loss_chunk, profile_dir, cast_params, None,
-                 logits_dtype)
+                 logits_dtype, loss_impl)
 
 
-def _ours(cfg, batch, seq, steps, loss_chunk, profile_dir, cast_params, mesh, logits_dtype):
+def _ours(cfg, batch, seq, steps, loss_chunk, profile_dir, cast_params, mesh, logits_dtype,
+          loss_impl):
     model = decoder.Decoder(cfg)
     rng = np.random.default_rng(0)
     tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, seq + 1)), jnp.int32)
@@ -96,7 +100,7 @@ def _ours(cfg, batch, seq, steps, loss_chunk, profile_dir, cast_params, mesh, lo
             hidden, head = model.apply({"params": p}, method=fwd)
             nll, count = losses.chunked_lm_loss(hidden, head, targets, weights,
                                                 chunk_size=loss_chunk, dtype=cfg.compute_dtype,
-                                                logits_dtype=logits_dtype)
+                                                logits_dtype=logits_dtype, impl=loss_impl)
         else:
             def fwd(m):
                 hidden, _ = m(m.embed(inputs), positions)
@@ -127,6 +131,9 @@ def _ours(cfg, batch, seq, steps, loss_chunk, profile_dir, cast_params, mesh, lo
 
 
 def torch_hf(cfg, batch, seq, steps, checkpointing=True):
+    # PyTorch's best allocator setting for large steps: without it batch 8 x 8K with gradient
+    # checkpointing failed on an H200 with 37 GB reserved but unallocated (fragmentation).
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     import torch
     import transformers
 
@@ -209,8 +216,15 @@ def main():
                    help="three q / k / v matmuls instead of one (DecoderConfig.fused_projections)")
     p.add_argument("--logits_dtype", default="float32",
                    help="dtype of the chunked loss's logits (bfloat16: as transformers in bf16)")
+    p.add_argument("--no_xla_defaults", action="store_true",
+                   help="leave XLA_FLAGS as given (default: add longvid_jax.xla_flags.DEFAULTS, "
+                        "as the trainer does)")
+    p.add_argument("--loss_impl", default="auto", choices=losses.LOSS_IMPLS,
+                   help="softmax passes of the chunked loss (auto: Pallas kernels on one GPU)")
     p.add_argument("--smoke", action="store_true")
     a = p.parse_args()
+    if not a.no_xla_defaults:
+        xla_flags.apply_defaults()  # before the first JAX computation
     if a.smoke:
         cfg = decoder.make_config("tiny", scan_layers=True, remat_policy=a.remat)
         seq, steps = 64, 1
@@ -226,13 +240,14 @@ def main():
           f"batch {a.batch} x {seq} tokens; ours: attention={cfg.attention_impl}, "
           f"remat={cfg.remat_policy}, scan={cfg.scan_layers}, loss_chunk={a.loss_chunk}, "
           f"cast_params={a.cast_params}, fused_qkv={cfg.fused_projections}, "
-          f"logits_dtype={a.logits_dtype}")
+          f"logits_dtype={a.logits_dtype}, loss_impl={a.loss_impl}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     # PyTorch runs first and returns its cached memory before JAX allocates (both share the GPU).
     dt_t = None
     if not a.skip_torch:
         dt_t, loss_t = torch_hf(cfg, a.batch, seq, steps, not a.torch_no_checkpointing)
     timing, n_params, loss = ours(cfg, a.batch, seq, steps, 16 if a.smoke else a.loss_chunk,
-                                  a.profile_dir, a.cast_params, logits_dtype=a.logits_dtype)
+                                  a.profile_dir, a.cast_params, logits_dtype=a.logits_dtype,
+                                  loss_impl=a.loss_impl)
     tokens = a.batch * seq
     flops = model_flops_per_token(cfg, n_params, seq) * tokens
 

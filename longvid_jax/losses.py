@@ -5,6 +5,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from longvid_jax.kernels import cross_entropy_gpu
+
+LOSS_IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
+
 
 def next_token_targets(input_ids: jax.Array, loss_mask: jax.Array, segment_ids: jax.Array
                        ) -> tuple[jax.Array, jax.Array]:
@@ -49,8 +53,8 @@ def lm_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array
 
 
 def chunked_lm_loss(hidden: jax.Array, head: jax.Array, targets: jax.Array, weights: jax.Array,
-                    *, chunk_size: int, dtype=jnp.float32, logits_dtype=jnp.float32
-                    ) -> tuple[jax.Array, jax.Array]:
+                    *, chunk_size: int, dtype=jnp.float32, logits_dtype=jnp.float32,
+                    impl: str = "auto") -> tuple[jax.Array, jax.Array]:
     """`lm_loss(hidden @ head, ...)` without ever holding logits for more than `chunk_size` tokens.
 
     Tokens are cut into chunks. For each chunk the forward pass computes the logits
@@ -86,49 +90,72 @@ def chunked_lm_loss(hidden: jax.Array, head: jax.Array, targets: jax.Array, weig
     h = jnp.pad(hidden.reshape(n, d), ((0, pad), (0, 0))).reshape(-1, chunk_size, d)
     t = jnp.pad(targets.reshape(n), (0, pad)).reshape(-1, chunk_size)
     w = jnp.pad(weights.reshape(n).astype(jnp.float32), (0, pad)).reshape(-1, chunk_size)
-    total = _fused_head_nll(h, head, t, w, (jnp.dtype(dtype), jnp.dtype(logits_dtype)))
+    impl = _resolve_impl(impl, chunk_size)
+    opts = (jnp.dtype(dtype), jnp.dtype(logits_dtype), impl)
+    total = _fused_head_nll(h, head, t, w, opts)
     return total, weights.sum().astype(jnp.float32)
 
 
-def _chunk_logits(h_c, head, dtypes):
-    """float32 logits [c, V] of one chunk; the matmul writes them in dtypes[1]."""
-    dtype, logits_dtype = dtypes
+def _resolve_impl(impl: str, chunk_size: int) -> str:
+    if impl not in LOSS_IMPLS:
+        raise ValueError(f"unknown loss impl {impl!r}; expected one of {LOSS_IMPLS}")
+    if impl == "auto":
+        single_gpu = jax.default_backend() == "gpu" and jax.device_count() == 1
+        impl = "pallas" if single_gpu and chunk_size % 8 == 0 else "xla"
+    return impl
+
+
+def _chunk_logits(h_c, head, opts):
+    """Logits [c, V] of one chunk in the logits dtype opts[1] (the matmul accumulates in f32)."""
+    dtype, logits_dtype, _ = opts
     return jnp.einsum("TD,DV->TV", h_c.astype(dtype), head.astype(dtype),
-                      preferred_element_type=logits_dtype).astype(jnp.float32)
+                      preferred_element_type=logits_dtype)
 
 
-def _chunk_nll(logits, t_c, w_c):
-    logz = jax.nn.logsumexp(logits, axis=-1)
+def _chunk_nll(logits, t_c, w_c, impl):
+    """Summed weighted NLL of one chunk and its rows' float32 log-sum-exp."""
+    if impl == "xla":
+        logz = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
+    else:
+        logz = cross_entropy_gpu.logsumexp(logits, interpret=impl == "pallas_interpret")
     target_logit = jnp.take_along_axis(logits, t_c[:, None], axis=-1)[:, 0]
-    return jnp.sum((logz - target_logit) * w_c), logz
+    return jnp.sum((logz - target_logit.astype(jnp.float32)) * w_c), logz
+
+
+def _chunk_d_logits(logits, logz, t_c, w_c, opts):
+    """(softmax - onehot) * weight of one chunk, in the matmul dtype opts[0]."""
+    dtype, _, impl = opts
+    if impl == "xla":
+        d_logits = jnp.exp(logits.astype(jnp.float32) - logz[:, None])
+        onehot = jax.nn.one_hot(t_c, logits.shape[1], dtype=jnp.float32)
+        return ((d_logits - onehot) * w_c[:, None]).astype(dtype)
+    return cross_entropy_gpu.softmax_grad(
+        logits, logz, t_c, w_c, interpret=impl == "pallas_interpret").astype(dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _fused_head_nll(h, head, t, w, dtypes):
+def _fused_head_nll(h, head, t, w, opts):
     """Summed weighted NLL of chunked hidden h [C, c, D] through head [D, V] (loss only);
-    dtypes = (matmul operand dtype, logits dtype)."""
+    opts = (matmul operand dtype, logits dtype, softmax impl)."""
 
     def body(total, xs):
         h_c, t_c, w_c = xs
-        nll, _ = _chunk_nll(_chunk_logits(h_c, head, dtypes), t_c, w_c)
+        nll, _ = _chunk_nll(_chunk_logits(h_c, head, opts), t_c, w_c, opts[2])
         return total + nll, None
 
     total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (h, t, w))
     return total
 
 
-def _fused_head_nll_fwd(h, head, t, w, dtypes):
-    vocab = head.shape[1]
-    dtype = dtypes[0]
+def _fused_head_nll_fwd(h, head, t, w, opts):
+    dtype = opts[0]
 
     def body(carry, xs):
         total, d_head = carry
         h_c, t_c, w_c = xs
-        logits = _chunk_logits(h_c, head, dtypes)
-        nll, logz = _chunk_nll(logits, t_c, w_c)
-        d_logits = jnp.exp(logits - logz[:, None])
-        d_logits = (d_logits - jax.nn.one_hot(t_c, vocab, dtype=jnp.float32)) * w_c[:, None]
-        d_logits = d_logits.astype(dtype)
+        logits = _chunk_logits(h_c, head, opts)
+        nll, logz = _chunk_nll(logits, t_c, w_c, opts[2])
+        d_logits = _chunk_d_logits(logits, logz, t_c, w_c, opts)
         d_h = jnp.einsum("TV,DV->TD", d_logits, head.astype(dtype),
                          preferred_element_type=jnp.float32).astype(h.dtype)
         d_head = d_head + jnp.einsum("TD,TV->DV", h_c.astype(dtype), d_logits,
@@ -140,8 +167,8 @@ def _fused_head_nll_fwd(h, head, t, w, dtypes):
     return total, (d_h, d_head.astype(head.dtype), w)
 
 
-def _fused_head_nll_bwd(dtypes, res, g):
-    del dtypes
+def _fused_head_nll_bwd(opts, res, g):
+    del opts
     d_h, d_head, w = res
     scale = lambda x: (g * x.astype(jnp.float32)).astype(x.dtype)  # noqa: E731
     return scale(d_h), scale(d_head), None, jnp.zeros_like(w)

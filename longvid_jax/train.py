@@ -30,7 +30,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from longvid_jax import checkpoints, distributed, losses, model_families, optim, sharding
+from longvid_jax import checkpoints, distributed, losses, model_families, optim, sharding, xla_flags
 from longvid_jax.input import pipeline
 from longvid_jax.input import tokenizer as tokenizer_lib
 from longvid_jax.models import lora, video_llm
@@ -367,6 +367,7 @@ def main(argv):
         name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
         workdir = os.path.join("runs", name)
     logging.set_verbosity(logging.INFO)
+    xla_flags.apply_defaults()  # before the backend starts
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     # Orbax narrates every save at INFO; keep its warnings and errors only.
     std_logging.getLogger("absl").addFilter(
