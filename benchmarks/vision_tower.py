@@ -2,7 +2,7 @@
 benchmark 4).
 
     python benchmarks/vision_tower.py [--batch=64] [--impls=cudnn,xla] [--steps=10]
-        [--skip_torch] [--smoke]
+        [--skip_torch] [--no_xla_defaults] [--smoke]
 
 The frozen tower of TDC encodes every sampled frame: forward only, bf16 weights and compute, all
 27 layers and the post-LayerNorm, no pooling head. Ours: `longvid_jax.models.vit.ViT` under
@@ -14,6 +14,7 @@ tower on CPU (CI).
 """
 
 import argparse
+import os
 import statistics
 import time
 
@@ -21,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from longvid_jax import xla_flags
 from longvid_jax.models import vit
 
 
@@ -94,8 +96,13 @@ def main():
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--skip_torch", action="store_true")
     p.add_argument("--profile_dir", default=None, help="write a trace of 3 of our calls here")
+    p.add_argument("--no_xla_defaults", action="store_true",
+                   help="leave XLA_FLAGS as given (default: add longvid_jax.xla_flags.DEFAULTS, "
+                        "as the library's entry points do)")
     p.add_argument("--smoke", action="store_true")
     a = p.parse_args()
+    if not a.no_xla_defaults:
+        xla_flags.apply_defaults()  # before the first JAX computation
     if a.smoke:
         base = vit.make_config("tiny")
         batch, steps = 4, 1
@@ -107,7 +114,8 @@ def main():
     flops = tower_flops_per_frame(base)
     kind = jax.devices()[0].device_kind
     print(f"device: {kind}; jax {jax.__version__}; {'tiny' if a.smoke else 'so400m_14_384'} "
-          f"{base.image_size} px, batch {batch}, {flops / 1e9:.1f} GFLOP per frame")
+          f"{base.image_size} px, batch {batch}, {flops / 1e9:.1f} GFLOP per frame; "
+          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     dt_t = None
     if not a.skip_torch:
         dt_t = torch_hf(base, frames, steps)

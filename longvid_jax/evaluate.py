@@ -55,7 +55,7 @@ import numpy as np
 from absl import app, flags, logging
 from tqdm import tqdm
 
-from longvid_jax import eval_data, metrics
+from longvid_jax import eval_data, metrics, xla_flags
 from longvid_jax.metrics import captioning
 from longvid_jax.metrics.common import COMPAT_MODES, InputFileError, check_compat
 
@@ -730,6 +730,7 @@ def main(argv: Sequence[str]) -> None:
     if _BENCHMARK.value is None:
         raise app.UsageError(f"--benchmark is required, one of: {', '.join(metrics.BENCHMARKS)}")
     if _flag("data") is not None:
+        xla_flags.apply_defaults()  # before the backend starts
         _main_run()
         return
     if _PREDICTIONS.value is None:

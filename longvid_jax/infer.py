@@ -49,7 +49,7 @@ from absl import app, flags, logging
 from tqdm import tqdm
 
 from longvid_jax import generate as gen
-from longvid_jax import model_families
+from longvid_jax import model_families, xla_flags
 from longvid_jax.input import audio as audio_lib
 from longvid_jax.input import chat, decode
 from longvid_jax.input import tokenizer as tokenizer_lib
@@ -577,6 +577,7 @@ def main(argv):
     if f.checkpoint is None:
         raise app.UsageError("--checkpoint is required")
     logging.set_verbosity(logging.WARNING)  # orbax narrates every read at INFO
+    xla_flags.apply_defaults()  # before the backend starts
     try:
         run(f.config, f.checkpoint, video=f.video, question=f.question,
             batch_jsonl=f.batch_jsonl, output=f.output, max_new_tokens=f.max_new_tokens,

@@ -265,8 +265,10 @@ def main(argv) -> None:
     from absl import flags
 
     from convert import tdc_keys
+    from longvid_jax import xla_flags
     from longvid_jax.input import tokenizer as tokenizer_lib
 
+    xla_flags.apply_defaults()  # before the backend starts
     f = flags.FLAGS
     params, configs = tdc_keys.load_orbax(f.checkpoint)
     bert = None
