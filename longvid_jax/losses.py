@@ -115,7 +115,7 @@ def _chunk_logits(h_c, head, opts):
 def _chunk_nll(logits, t_c, w_c, impl):
     """Summed weighted NLL of one chunk and its rows' float32 log-sum-exp."""
     if impl == "xla":
-        logz = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
+        logz = cross_entropy_gpu.logsumexp_ref(logits)
     else:
         logz = cross_entropy_gpu.logsumexp(logits, interpret=impl == "pallas_interpret")
     target_logit = jnp.take_along_axis(logits, t_c[:, None], axis=-1)[:, 0]
@@ -126,9 +126,7 @@ def _chunk_d_logits(logits, logz, t_c, w_c, opts):
     """(softmax - onehot) * weight of one chunk, in the matmul dtype opts[0]."""
     dtype, _, impl = opts
     if impl == "xla":
-        d_logits = jnp.exp(logits.astype(jnp.float32) - logz[:, None])
-        onehot = jax.nn.one_hot(t_c, logits.shape[1], dtype=jnp.float32)
-        return ((d_logits - onehot) * w_c[:, None]).astype(dtype)
+        return cross_entropy_gpu.softmax_grad_ref(logits, logz, t_c, w_c, dtype=dtype)
     return cross_entropy_gpu.softmax_grad(
         logits, logz, t_c, w_c, interpret=impl == "pallas_interpret").astype(dtype)
 

@@ -37,12 +37,13 @@ def logsumexp_ref(logits: Float[Array, "R V"]) -> Float[Array, " R"]:
 
 
 def softmax_grad_ref(logits: Float[Array, "R V"], lse: Float[Array, " R"],
-                     targets: Int[Array, " R"], weights: Float[Array, " R"]
+                     targets: Int[Array, " R"], weights: Float[Array, " R"], dtype=None
                      ) -> Float[Array, "R V"]:
-    """(softmax(logits) - onehot(targets)) * weights[:, None] in the logits' dtype (reference)."""
+    """(softmax(logits) - onehot(targets)) * weights[:, None], computed in float32 and returned
+    in `dtype` (default: the logits' dtype) (reference)."""
     p = jnp.exp(logits.astype(jnp.float32) - lse[:, None])
     onehot = jnp.arange(logits.shape[1])[None, :] == targets[:, None]
-    return ((p - onehot) * weights[:, None]).astype(logits.dtype)
+    return ((p - onehot) * weights[:, None]).astype(dtype or logits.dtype)
 
 
 def _params(num_warps):
