@@ -50,11 +50,12 @@ def _params(num_warps):
     return plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
 
 
-def _tile(ref, row0, col0, block_rows, block_cols, n_cols):
-    """Column indices [bc] and the mask / ref slice of one [block_rows, block_cols] tile."""
+def _tile(row0, col0, block_rows, block_cols, n_cols):
+    """Column indices [bc], the in-bounds mask and the ref index of one [block_rows, block_cols]
+    tile."""
     cols = col0 + lax.broadcasted_iota(jnp.int32, (block_cols,), 0)
     mask = jnp.broadcast_to((cols < n_cols)[None, :], (block_rows, block_cols))
-    return cols, mask, ref.at[pl.ds(row0, block_rows), pl.ds(col0, block_cols)]
+    return cols, mask, (pl.ds(row0, block_rows), pl.ds(col0, block_cols))
 
 
 def _lse_kernel(x_ref, lse_ref, *, block_rows, block_cols, n_cols):
@@ -63,8 +64,8 @@ def _lse_kernel(x_ref, lse_ref, *, block_rows, block_cols, n_cols):
     def body(j, carry):
         m, s = carry
         col0 = pl.multiple_of(j * block_cols, block_cols)
-        _, mask, tile = _tile(x_ref, row0, col0, block_rows, block_cols, n_cols)
-        x = plgpu.load(tile, mask=mask, other=_NEG_INF).astype(jnp.float32)
+        _, mask, idx = _tile(row0, col0, block_rows, block_cols, n_cols)
+        x = plgpu.load(x_ref.at[idx], mask=mask, other=_NEG_INF).astype(jnp.float32)
         m_new = jnp.maximum(m, jnp.max(x, axis=1))
         s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(x - m_new[:, None]), axis=1)
         return m_new, s
@@ -81,12 +82,11 @@ def _grad_kernel(x_ref, lse_ref, t_ref, w_ref, g_ref, *, block_rows, block_cols,
 
     def body(j, carry):
         col0 = pl.multiple_of(j * block_cols, block_cols)
-        cols, mask, tile = _tile(x_ref, row0, col0, block_rows, block_cols, n_cols)
-        x = plgpu.load(tile, mask=mask, other=0.0).astype(jnp.float32)
+        cols, mask, idx = _tile(row0, col0, block_rows, block_cols, n_cols)
+        x = plgpu.load(x_ref.at[idx], mask=mask, other=0.0).astype(jnp.float32)
         p = jnp.exp(x - lse[:, None])
         g = (p - jnp.where(cols[None, :] == t[:, None], 1.0, 0.0)) * w[:, None]
-        _, _, out = _tile(g_ref, row0, col0, block_rows, block_cols, n_cols)
-        plgpu.store(out, g.astype(g_ref.dtype), mask=mask)
+        plgpu.store(g_ref.at[idx], g.astype(g_ref.dtype), mask=mask)
         return carry
 
     lax.fori_loop(0, pl.cdiv(n_cols, block_cols), body, 0)
